@@ -1,0 +1,120 @@
+"""Wire the stages for each stream and run them: ``consume`` is what ``ingest consume`` executes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+from redis.asyncio import Redis
+
+from consumers import streams
+from consumers.streams import Stream
+from ingest import migrate, partitions
+from ingest.broker import ensure_topics
+from ingest.config import Config
+from ingest.consumer import StreamConsumer, Totals
+from ingest.dedupe import RedisHints
+from ingest.metrics import Metrics
+from ingest.pipeline import Pipeline
+from ingest.quota import Unlimited
+from ingest.services import ServiceUnavailable, connect_redis, create_pool, redact
+from ingest.writer import Writer
+
+log = logging.getLogger(__name__)
+_MAINTENANCE_LOCK = 0x1E57_0002
+
+
+async def run_migrations(config: Config) -> list[int]:
+    """Create the database if needed, apply migrations, create partitions; return versions applied now."""
+    try:
+        await migrate.create_database_if_missing(config.database_url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ServiceUnavailable("postgres", redact(config.database_url), exc) from None
+    pool = await create_pool(config.database_url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            applied = await migrate.apply(conn, streams.migrations())
+            await ensure_partitions(conn, config)
+        return applied
+    finally:
+        await pool.close()
+
+
+async def ensure_partitions(conn: asyncpg.Connection, config: Config) -> list[str]:
+    """Partitions for every stream over [now - retention, now + premake]; one process at a time."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MAINTENANCE_LOCK):
+        return []
+    try:
+        today = datetime.now(UTC).date()
+        cfg = config.partitions
+        created = []
+        for s in streams.STREAMS.values():
+            created += await partitions.ensure(
+                conn, s.table, first=today - max(cfg.retention, config.window.max_age), last=today + cfg.premake,
+                granularity=cfg.granularity, lock_timeout_ms=cfg.lock_timeout_ms)
+        return created
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MAINTENANCE_LOCK)
+
+
+async def ensure_all_topics(config: Config) -> list[str]:
+    return await ensure_topics(config.kafka_bootstrap, [s.topic_for(config) for s in streams.STREAMS.values()],
+                               config.topic_partitions)
+
+
+@dataclass
+class Runtime:
+    """Shared connections of one process; close with ``aclose``."""
+
+    pool: asyncpg.Pool
+    redis: Redis
+    metrics: Metrics
+
+    async def aclose(self) -> None:
+        await self.pool.close()
+        await self.redis.aclose()
+
+
+async def open_runtime(config: Config, metrics: Metrics | None = None, *, pool_size: int = 4) -> Runtime:
+    """Connect to Postgres (required) and Redis (optional: without it Postgres alone decides duplicates)."""
+    pool = await create_pool(config.database_url, max_size=pool_size)
+    try:
+        redis = await connect_redis(config.redis_url)
+    except ServiceUnavailable as exc:
+        log.warning("redis unavailable at start; continuing, Postgres decides duplicates", extra={"error": str(exc)})
+        redis = Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=3)
+    return Runtime(pool, redis, metrics or Metrics())
+
+
+def build_consumer(config: Config, stream: Stream, rt: Runtime) -> StreamConsumer:
+    """Wire decode/validate -> dedupe -> quota -> write for ``stream``."""
+    tables = stream.tables()
+    topic, group = stream.topic_for(config), stream.group_for(config)
+    writer = Writer(stream=stream.name, group=group, topic=topic, tables=tables, window=config.dedupe.window,
+                    quota=Unlimited())
+    hints = RedisHints(rt.redis, prefix=config.redis_prefix, stream=stream.name, ttl=config.dedupe.hint_ttl,
+                       metrics=rt.metrics)
+    pipeline = Pipeline(stream=stream.name, contract=stream.contract(config), limits=config.decode,
+                        writer=writer, hints=hints, metrics=rt.metrics)
+    return StreamConsumer(config=config, stream=stream.name, topic=topic, group=group, pipeline=pipeline,
+                          pool=rt.pool, metrics=rt.metrics, offsets_table=tables.offsets)
+
+
+async def consume(config: Config, selected: list[Stream], stop: asyncio.Event, *, drain: bool = False,
+                  metrics: Metrics | None = None) -> dict[str, Totals]:
+    """Run one consumer per selected stream until ``stop`` (or caught up with ``drain``)."""
+    rt = await open_runtime(config, metrics)
+    try:
+        async with rt.pool.acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass('consumer_offsets')") is None:
+                raise ServiceUnavailable("postgres", redact(config.database_url),
+                                         "schema missing: run `ingest migrate` first")
+            await ensure_partitions(conn, config)
+        consumers = [build_consumer(config, s, rt) for s in selected]
+        results = await asyncio.gather(*(c.run(stop, drain=drain) for c in consumers))
+        return {s.name: r for s, r in zip(selected, results, strict=True)}
+    finally:
+        await rt.aclose()

@@ -1,0 +1,132 @@
+"""Build the one ``Config`` from the environment. No other module reads ``os.environ``.
+
+Each setting is declared once in ``SETTINGS`` (name, default, meaning); the README table is checked against it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from ingest.codec import DecodeLimits, NulPolicy
+from ingest.config import BatchLimits, Config, DedupeConfig, PartitionConfig
+from ingest.contract import TimeWindow
+from ingest.partitions import GRANULARITIES
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    env: str
+    default: str
+    doc: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("INGEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers (comma-separated)."),
+    Setting("INGEST_DATABASE_URL", "postgresql://127.0.0.1:5432/ingest", "Postgres URL; `ingest migrate` creates the database."),
+    Setting("INGEST_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL (dedupe hints, quotas)."),
+    Setting("INGEST_REDIS_PREFIX", "ingest", "Prefix of every Redis key ingest writes."),
+    Setting("INGEST_TOPIC_PREFIX", "", "Prefix added to the topic names `events.webhook` and `events.audit`."),
+    Setting("INGEST_GROUP_PREFIX", "ingest", "Consumer groups are `<prefix>.webhook` and `<prefix>.audit`."),
+    Setting("INGEST_INSTANCE_ID", "", "Static group membership id (e.g. the pod name); empty = dynamic membership."),
+    Setting("INGEST_TOPIC_PARTITIONS", "12", "Partitions per topic created by `ingest topics ensure`."),
+    Setting("INGEST_BATCH_MAX_ROWS", "5000", "A batch closes at this many records..."),
+    Setting("INGEST_BATCH_MAX_BYTES", "16777216", "...or this many bytes of values..."),
+    Setting("INGEST_BATCH_MAX_AGE_MS", "200", "...or this age of its first record, whichever comes first."),
+    Setting("INGEST_DEDUPE_WINDOW_SECONDS", "604800", "A repeated idempotency key within this window is a duplicate (7 days)."),
+    Setting("INGEST_DEDUPE_HINT_TTL_SECONDS", "86400", "How long Redis remembers a key (a hint; Postgres covers the rest of the window)."),
+    Setting("INGEST_MAX_MESSAGE_BYTES", "262144", "Larger Kafka values are dead-lettered as `too_large`."),
+    Setting("INGEST_MAX_DEPTH", "32", "Deeper JSON nesting is dead-lettered as `too_deep`."),
+    Setting("INGEST_NUL_POLICY", "replace", "`\\u0000` in strings: `replace` (with U+FFFD), `strip`, or `reject`."),
+    Setting("INGEST_ACCEPT_MAX_AGE_SECONDS", "", "Oldest accepted `occurred_at` (default: the retention)."),
+    Setting("INGEST_ACCEPT_MAX_AHEAD_SECONDS", "86400", "Latest accepted `occurred_at` ahead of now (1 day)."),
+    Setting("INGEST_PARTITION_GRANULARITY", "day", "Event-table partition size: day, week or month."),
+    Setting("INGEST_PARTITION_PREMAKE_DAYS", "7", "Partitions are created this far ahead."),
+    Setting("INGEST_RETENTION_DAYS", "90", "Event retention; partitions cover at least this far back."),
+    Setting("INGEST_DDL_LOCK_TIMEOUT_MS", "2000", "lock_timeout for partition DDL (never queue behind ingestion)."),
+    Setting("INGEST_METRICS_HOST", "127.0.0.1", "Bind address of /metrics, /healthz, /readyz."),
+    Setting("INGEST_METRICS_PORT", "9108", "Port of /metrics, /healthz, /readyz (0 = disabled)."),
+    Setting("INGEST_SESSION_TIMEOUT_MS", "30000", "Kafka group session timeout."),
+    Setting("INGEST_REBALANCE_TIMEOUT_MS", "60000", "How long a rebalance waits for members to rejoin."),
+    Setting("INGEST_HEARTBEAT_INTERVAL_MS", "3000", "Kafka group heartbeat interval."),
+    Setting("INGEST_MAX_POLL_INTERVAL_MS", "300000", "Kafka max poll interval."),
+    Setting("INGEST_SHUTDOWN_TIMEOUT_S", "25", "On SIGTERM, the in-flight batch gets this long before it is abandoned."),
+    Setting("INGEST_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+)
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Config:
+    """Read every ``INGEST_*`` setting (unset or empty means the default); raise ``SettingsError`` on bad values."""
+    source = os.environ if env is None else env
+    raw = {s.env: (source.get(s.env) or s.default) for s in SETTINGS}
+
+    def get(name: str, parse: Callable[[str], Any] = str) -> Any:
+        try:
+            return parse(raw[name])
+        except ValueError as exc:
+            raise SettingsError(f"{name}={raw[name]!r} is invalid: {exc}") from None
+
+    def positive(text: str) -> int:
+        value = int(text)
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+    def choice(options: tuple[str, ...]) -> Callable[[str], str]:
+        def parse(text: str) -> str:
+            if text not in options:
+                raise ValueError(f"must be one of {', '.join(options)}")
+            return text
+        return parse
+
+    retention = timedelta(days=get("INGEST_RETENTION_DAYS", positive))
+    max_age = raw["INGEST_ACCEPT_MAX_AGE_SECONDS"]
+    return Config(
+        kafka_bootstrap=get("INGEST_KAFKA_BOOTSTRAP"),
+        database_url=get("INGEST_DATABASE_URL"),
+        redis_url=get("INGEST_REDIS_URL"),
+        redis_prefix=get("INGEST_REDIS_PREFIX"),
+        topic_prefix=get("INGEST_TOPIC_PREFIX"),
+        group_prefix=get("INGEST_GROUP_PREFIX"),
+        instance_id=get("INGEST_INSTANCE_ID") or None,
+        topic_partitions=get("INGEST_TOPIC_PARTITIONS", positive),
+        batch=BatchLimits(
+            max_rows=get("INGEST_BATCH_MAX_ROWS", positive),
+            max_bytes=get("INGEST_BATCH_MAX_BYTES", positive),
+            max_age=timedelta(milliseconds=get("INGEST_BATCH_MAX_AGE_MS", positive)),
+        ),
+        dedupe=DedupeConfig(
+            window=timedelta(seconds=get("INGEST_DEDUPE_WINDOW_SECONDS", positive)),
+            hint_ttl=timedelta(seconds=get("INGEST_DEDUPE_HINT_TTL_SECONDS", positive)),
+        ),
+        decode=DecodeLimits(
+            max_bytes=get("INGEST_MAX_MESSAGE_BYTES", positive),
+            max_depth=get("INGEST_MAX_DEPTH", positive),
+            nul_policy=NulPolicy(get("INGEST_NUL_POLICY", choice(tuple(p.value for p in NulPolicy)))),
+        ),
+        window=TimeWindow(
+            max_age=timedelta(seconds=get("INGEST_ACCEPT_MAX_AGE_SECONDS", positive)) if max_age else retention,
+            max_ahead=timedelta(seconds=get("INGEST_ACCEPT_MAX_AHEAD_SECONDS", positive)),
+        ),
+        partitions=PartitionConfig(
+            granularity=get("INGEST_PARTITION_GRANULARITY", choice(GRANULARITIES)),
+            premake=timedelta(days=get("INGEST_PARTITION_PREMAKE_DAYS", positive)),
+            retention=retention,
+            lock_timeout_ms=get("INGEST_DDL_LOCK_TIMEOUT_MS", positive),
+        ),
+        metrics_host=get("INGEST_METRICS_HOST"),
+        metrics_port=get("INGEST_METRICS_PORT", int),
+        session_timeout_ms=get("INGEST_SESSION_TIMEOUT_MS", positive),
+        rebalance_timeout_ms=get("INGEST_REBALANCE_TIMEOUT_MS", positive),
+        heartbeat_interval_ms=get("INGEST_HEARTBEAT_INTERVAL_MS", positive),
+        max_poll_interval_ms=get("INGEST_MAX_POLL_INTERVAL_MS", positive),
+        shutdown_timeout_s=get("INGEST_SHUTDOWN_TIMEOUT_S", float),
+        log_level=get("INGEST_LOG_LEVEL", choice(("DEBUG", "INFO", "WARNING", "ERROR"))),
+    )

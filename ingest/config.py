@@ -1,0 +1,64 @@
+"""The one frozen configuration object. Built from the environment by ``consumers.settings``, nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from ingest.codec import DecodeLimits
+from ingest.contract import TimeWindow
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """A batch closes at whichever comes first: ``max_rows`` records, ``max_bytes`` of values, ``max_age``."""
+
+    max_rows: int = 5000
+    max_bytes: int = 16 * 1024 * 1024
+    max_age: timedelta = timedelta(milliseconds=200)
+
+
+@dataclass(frozen=True, slots=True)
+class DedupeConfig:
+    """A (stream, tenant, idempotency key) seen within ``window`` is a duplicate; Redis remembers keys for
+    ``hint_ttl`` (a hint only: Postgres covers the whole window)."""
+
+    window: timedelta = timedelta(days=7)
+    hint_ttl: timedelta = timedelta(days=1)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionConfig:
+    """Partitions cover ``[now - retention, now + premake]``; a DEFAULT partition catches the rest (alerted)."""
+
+    granularity: str = "day"
+    premake: timedelta = timedelta(days=7)
+    retention: timedelta = timedelta(days=90)
+    lock_timeout_ms: int = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything ingest needs to run; immutable once built."""
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    database_url: str = "postgresql://127.0.0.1:5432/ingest"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "ingest"
+    topic_prefix: str = ""
+    group_prefix: str = "ingest"
+    instance_id: str | None = None
+    topic_partitions: int = 12
+    batch: BatchLimits = field(default_factory=BatchLimits)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    decode: DecodeLimits = field(default_factory=DecodeLimits)
+    window: TimeWindow = field(default_factory=TimeWindow)
+    partitions: PartitionConfig = field(default_factory=PartitionConfig)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9108
+    session_timeout_ms: int = 30000
+    rebalance_timeout_ms: int = 60000
+    heartbeat_interval_ms: int = 3000
+    max_poll_interval_ms: int = 300000
+    shutdown_timeout_s: float = 25.0
+    log_level: str = "INFO"

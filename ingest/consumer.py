@@ -1,0 +1,350 @@
+"""The Kafka loop for one stream: positions come from Postgres, batches close by rows/bytes/age, commits are fenced.
+
+Rules kept here:
+- Partitions are paused on assignment and resumed only after ``seek`` to the offset stored in Postgres.
+- A batch covers every consumed record (stored, duplicate or rejected) of the partitions it touches.
+- Write failures are retried with backoff while every partition stays paused and the loop keeps polling, so the
+  process keeps its group membership. ``Fenced`` drops the batch and re-seeks its partitions.
+- The Kafka commit after the Postgres commit is best effort, for lag tools only.
+- On stop, the in-flight batch finishes (or is abandoned by the caller's deadline) and the group is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+from ingest import offsets
+from ingest.config import Config
+from ingest.metrics import Metrics
+from ingest.pipeline import Outcome, Pipeline
+from ingest.retry import Backoff, component_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Totals:
+    """Running totals since start (for ``--drain`` summaries and tests)."""
+
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    quota_exceeded: int = 0
+    batches: int = 0
+
+    def add(self, o: Outcome) -> None:
+        self.stored += o.stored
+        self.duplicates += o.duplicates
+        self.rejected += o.rejected
+        self.quota_exceeded += o.quota_exceeded
+        self.batches += 1
+
+
+@dataclass(slots=True)
+class State:
+    """What health checks read: assigned partitions, last loop turn, pause reasons."""
+
+    assigned: set[int] = field(default_factory=set)
+    last_turn: float = field(default_factory=time.monotonic)
+    paused_reason: str | None = None
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: StreamConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.owner.on_revoked({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.owner.on_assigned({tp.partition for tp in assigned})
+
+
+class StreamConsumer:
+    """Consumes one topic into one table. Use ``run`` once; it returns when ``stop`` is set or, with
+    ``drain``, when every assigned partition is caught up."""
+
+    def __init__(self, *, config: Config, stream: str, topic: str, group: str, pipeline: Pipeline,
+                 pool: asyncpg.Pool, metrics: Metrics, offsets_table: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.stream, self.topic, self.group = config, stream, topic, group
+        self.pipeline, self.pool, self.metrics, self.offsets_table = pipeline, pool, metrics, offsets_table
+        self.clock = clock
+        self.totals = Totals()
+        self.state = State()
+        self._positions: dict[int, int] = {}  # partition -> next offset stored in Postgres (our CAS value)
+        self._cursor: dict[int, int] = {}  # partition -> next offset we accept from Kafka
+        self._unpositioned: set[int] = set()
+        self._lock = asyncio.Lock()
+        self._backoff = Backoff()
+        self._kafka_commit: asyncio.Task[None] | None = None
+        self._last_kafka_commit = 0.0
+        self._joined = False
+        self.consumer: AIOKafkaConsumer | None = None
+
+    def _tp(self, partition: int) -> TopicPartition:
+        return TopicPartition(self.topic, partition)
+
+    # -- rebalance ---------------------------------------------------------------------------------------------
+    def on_assigned(self, parts: set[int]) -> None:
+        """Pause new partitions until they are positioned from Postgres (nothing here may fail)."""
+        self._joined = True
+        self.metrics.rebalances.labels(self.stream).inc()
+        self.state.assigned = set(parts)
+        self.metrics.assigned.labels(self.stream).set(len(parts))
+        for p in list(self._positions):
+            if p not in parts:
+                self._forget(p)
+        self._unpositioned |= {p for p in parts if p not in self._positions}
+        if self.consumer is not None and self._unpositioned:
+            self.consumer.pause(*[self._tp(p) for p in self._unpositioned])
+        log.info("partitions assigned", extra={"stream": self.stream, "partitions": sorted(parts)})
+
+    async def on_revoked(self, parts: set[int]) -> None:
+        """Let the in-flight batch finish (bounded wait: the fence keeps a late commit safe), then forget."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await self._lock.acquire()
+                self._lock.release()
+        for p in parts:
+            self._forget(p)
+        log.info("partitions revoked", extra={"stream": self.stream, "partitions": sorted(parts)})
+
+    def _forget(self, p: int) -> None:
+        self._positions.pop(p, None)
+        self._cursor.pop(p, None)
+        self._unpositioned.discard(p)
+        with contextlib.suppress(KeyError):
+            self.metrics.lag.remove(self.stream, str(p))
+
+    async def _position(self, consumer: AIOKafkaConsumer) -> None:
+        """Seek every unpositioned partition to its Postgres offset, then resume it."""
+        parts = sorted(p for p in self._unpositioned if p in consumer_partitions(consumer, self.topic))
+        self._unpositioned &= set(parts)
+        if not parts:
+            return
+        async with self.pool.acquire() as conn:
+            stored = await offsets.load(conn, self.offsets_table, self.group, self.topic, parts)
+        begin = []
+        for p in parts:
+            if p not in self._unpositioned:
+                continue  # revoked while we were reading
+            at = stored[p]
+            if at == offsets.UNSET:
+                begin.append(self._tp(p))
+            else:
+                consumer.seek(self._tp(p), at)
+            self._positions[p] = at
+            self._cursor[p] = at
+            self._unpositioned.discard(p)
+        if begin:
+            await consumer.seek_to_beginning(*begin)
+        self._apply_pause(consumer)
+        log.info("partitions positioned from postgres", extra={"stream": self.stream, "offsets": stored})
+
+    def _apply_pause(self, consumer: AIOKafkaConsumer, everything: bool = False) -> None:
+        assigned = consumer_partitions(consumer, self.topic)
+        paused = assigned if everything else (self._unpositioned & assigned)
+        consumer.pause(*[self._tp(p) for p in paused])
+        consumer.resume(*[self._tp(p) for p in assigned - paused])
+
+    # -- main loop ---------------------------------------------------------------------------------------------
+    def build_consumer(self) -> AIOKafkaConsumer:
+        """The aiokafka consumer with the settings this design depends on (no auto commit, earliest)."""
+        batch = self.config.batch
+        kwargs: dict[str, Any] = dict(
+            bootstrap_servers=self.config.kafka_bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self.config.session_timeout_ms,
+            max_poll_interval_ms=self.config.max_poll_interval_ms,
+            rebalance_timeout_ms=self.config.rebalance_timeout_ms,
+            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=max(batch.max_bytes, 8 * 1024 * 1024),
+            client_id=f"ingest-{self.stream}",
+        )
+        if self.config.instance_id:
+            kwargs["group_instance_id"] = f"{self.config.instance_id}-{self.stream}"
+        kwargs.update(self.config_overrides())
+        return AIOKafkaConsumer(**kwargs)
+
+    def config_overrides(self) -> dict[str, Any]:
+        """Extra aiokafka options (security settings) supplied by the caller; none by default."""
+        return {}
+
+    async def run(self, stop: asyncio.Event, *, drain: bool = False) -> Totals:
+        """Consume until ``stop`` is set or, with ``drain``, until caught up. Returns the totals."""
+        consumer = self.build_consumer()
+        self.consumer = consumer
+        consumer.subscribe([self.topic], listener=_Listener(self))
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                self.state.last_turn = self.clock()
+                if self._unpositioned:
+                    await self._retrying(consumer, stop, lambda: self._position(consumer))
+                records = await self._collect(consumer, stop)
+                if records:
+                    await self._commit(consumer, stop, records)
+                elif drain and self._caught_up(consumer):
+                    break
+        finally:
+            if self._kafka_commit is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._kafka_commit, 5)
+            await consumer.stop()
+            self.metrics.assigned.labels(self.stream).set(0)
+        return self.totals
+
+    async def _collect(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> list[Any]:
+        limits = self.config.batch
+        max_age = limits.max_age.total_seconds()
+        records: list[Any] = []
+        size = 0
+        started: float | None = None
+        while not stop.is_set():
+            wait = 0.1 if started is None else max(0.0, max_age - (self.clock() - started))
+            got = await consumer.getmany(timeout_ms=int(wait * 1000), max_records=limits.max_rows - len(records))
+            self.state.last_turn = self.clock()
+            for tp, msgs in got.items():
+                cursor = self._cursor.get(tp.partition)
+                if cursor is None or tp.partition in self._unpositioned:
+                    continue  # not ours (yet): it will be re-read after positioning
+                for m in msgs:
+                    if m.offset >= cursor:
+                        records.append(m)
+                        size += len(m.value or b"")
+                        cursor = m.offset + 1
+                self._cursor[tp.partition] = cursor
+            if records and started is None:
+                started = self.clock()
+            if not records:
+                return records
+            if len(records) >= limits.max_rows or size >= limits.max_bytes or self.clock() - started >= max_age:
+                break
+        return records
+
+    async def _commit(self, consumer: AIOKafkaConsumer, stop: asyncio.Event, records: list[Any]) -> None:
+        async def attempt() -> None:
+            live = [r for r in records if r.partition in self._positions]
+            if not live:
+                return
+            expected = {p: self._positions[p] for p in {r.partition for r in live}}
+            async with self._lock, self.pool.acquire() as conn:
+                outcome = await self.pipeline.process(conn, live, expected)
+            for r in live:
+                self._positions[r.partition] = max(self._positions[r.partition], r.offset + 1)
+            self.totals.add(outcome)
+            self._after_commit(consumer)
+
+        try:
+            await self._retrying(consumer, stop, attempt)
+        except offsets.Fenced as fenced:
+            self.metrics.fenced.labels(self.stream).inc()
+            log.warning("batch fenced: another owner moved the offsets; re-seeking",
+                        extra={"stream": self.stream, "partitions": list(fenced.partitions)})
+            for p in {r.partition for r in records}:
+                if p in self._positions:
+                    self._positions.pop(p)
+                    self._cursor.pop(p, None)
+                    self._unpositioned.add(p)
+            self._apply_pause(consumer)
+
+    async def _retrying(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
+                        action: Callable[[], Any]) -> bool:
+        """Run ``action`` until it succeeds (True) or ``stop`` is set (False); between attempts pause every
+        partition and keep polling so the group membership survives."""
+        attempt = 0
+        while True:
+            try:
+                await action()
+            except offsets.Fenced:
+                raise
+            except Exception as exc:
+                component = component_of(exc)
+                self.metrics.retries.labels(component).inc()
+                if component == "redis":
+                    self.metrics.redis_errors.inc()
+                else:
+                    self.metrics.postgres_errors.inc()
+                delay = self._backoff.delay(attempt)
+                log.warning("transient failure; retrying", extra={
+                    "stream": self.stream, "component": component, "error": type(exc).__name__,
+                    "detail": str(exc)[:200], "attempt": attempt + 1, "retry_in_s": round(delay, 2)})
+                if attempt == 0:
+                    self._set_paused(consumer, component)
+                attempt += 1
+                deadline = self.clock() + delay
+                while self.clock() < deadline:
+                    await consumer.getmany(timeout_ms=int(max(0.01, deadline - self.clock()) * 1000))
+                    self.state.last_turn = self.clock()
+                if stop.is_set():
+                    log.warning("stopping with a batch unwritten; it will be re-read", extra={"stream": self.stream})
+                    return False
+                continue
+            if attempt:
+                self._set_paused(consumer, None)
+            return True
+
+    def _set_paused(self, consumer: AIOKafkaConsumer, reason: str | None) -> None:
+        if self.state.paused_reason is not None:
+            self.metrics.paused.labels(self.stream, self.state.paused_reason).set(0)
+        self.state.paused_reason = reason
+        if reason is not None:
+            self.metrics.paused.labels(self.stream, reason).set(1)
+        self._apply_pause(consumer, everything=reason is not None)
+
+    def _after_commit(self, consumer: AIOKafkaConsumer) -> None:
+        for p, at in self._positions.items():
+            high = consumer.highwater(self._tp(p))
+            if high is not None:
+                self.metrics.lag.labels(self.stream, str(p)).set(max(0, high - max(at, 0)))
+        now = self.clock()
+        if (self._kafka_commit is None or self._kafka_commit.done()) and now - self._last_kafka_commit >= 1.0:
+            self._last_kafka_commit = now
+            snapshot = {self._tp(p): at for p, at in self._positions.items() if at >= 0}
+            self._kafka_commit = asyncio.create_task(self._commit_kafka(consumer, snapshot))
+
+    async def _commit_kafka(self, consumer: AIOKafkaConsumer, snapshot: dict[TopicPartition, int]) -> None:
+        """Best effort: Kafka's committed offsets only feed lag tools; Postgres holds the truth."""
+        if not snapshot:
+            return
+        try:
+            await consumer.commit(snapshot)
+        except Exception as exc:
+            log.debug("kafka commit skipped", extra={"stream": self.stream, "error": type(exc).__name__})
+
+    def _caught_up(self, consumer: AIOKafkaConsumer) -> bool:
+        if not self._joined or self._unpositioned:
+            return False
+        assigned = consumer_partitions(consumer, self.topic)
+        for p in assigned:
+            high = consumer.highwater(self._tp(p))
+            at = self._positions.get(p)
+            if high is None or at is None or max(at, 0) < high:
+                return False
+        return True
+
+    def lag(self, consumer: AIOKafkaConsumer) -> dict[int, int | None]:
+        """Per assigned partition: high watermark minus stored offset (None until the first fetch)."""
+        out: dict[int, int | None] = {}
+        for p in consumer_partitions(consumer, self.topic):
+            high, at = consumer.highwater(self._tp(p)), self._positions.get(p)
+            out[p] = None if high is None or at is None else max(0, high - max(at, 0))
+        return out
+
+
+def consumer_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    """Partitions of ``topic`` currently assigned to ``consumer``."""
+    return {tp.partition for tp in consumer.assignment() if tp.topic == topic}

@@ -1,0 +1,75 @@
+"""Publishing events: validate against the contract first, then send keyed by tenant_id.
+
+Rule: an event the consumer would dead-letter for a contract reason is refused here, before it reaches Kafka.
+Values are encoded as compact JSON with orjson, which is also the consumer's fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from ingest.codec import DecodeLimits, decode
+from ingest.contract import Contract
+from ingest.reject import Rejected
+from ingest.services import ServiceUnavailable
+
+
+def encode(event: Mapping[str, Any], contract: Contract, limits: DecodeLimits,
+           now: datetime | None = None) -> tuple[bytes, bytes]:
+    """Return ``(key, value)`` for ``event`` or raise ``Rejected`` with the reason the consumer would give."""
+    value = orjson.dumps(event)
+    decoded = decode(value, limits)
+    values = contract.extract(decoded.obj, now or datetime.now(UTC))
+    return values[0].encode(), value
+
+
+class Publisher:
+    """Sends events of one stream to its topic. Use as ``async with Publisher(...) as pub: await pub.send(e)``."""
+
+    def __init__(self, *, bootstrap: str, topic: str, contract: Contract, limits: DecodeLimits | None = None,
+                 linger_ms: int = 5, **producer_options: Any) -> None:
+        self.topic, self.contract = topic, contract
+        self.limits = limits or DecodeLimits()
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks="all",
+                                          max_batch_size=256 * 1024, **producer_options)
+        self._bootstrap = bootstrap
+        self._pending: list[Any] = []
+
+    async def __aenter__(self) -> Publisher:
+        try:
+            await self._producer.start()
+        except (KafkaError, OSError) as exc:
+            raise ServiceUnavailable("kafka", self._bootstrap, exc) from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.flush()
+        finally:
+            await self._producer.stop()
+
+    async def send(self, event: Mapping[str, Any]) -> None:
+        """Validate and enqueue one event (raises ``Rejected``); ``flush`` waits for delivery."""
+        key, value = encode(event, self.contract, self.limits)
+        await self.send_raw(key, value)
+
+    async def send_raw(self, key: bytes | None, value: bytes | None) -> None:
+        """Enqueue bytes as they are, without validation (replay and tests)."""
+        self._pending.append(await self._producer.send(self.topic, key=key, value=value))
+        if len(self._pending) >= 10000:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Wait until every enqueued event is acknowledged by the broker."""
+        pending, self._pending = self._pending, []
+        for fut in pending:
+            await fut
+
+
+__all__ = ["Publisher", "Rejected", "encode"]

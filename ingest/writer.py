@@ -1,0 +1,150 @@
+"""One Postgres transaction per batch: fence, dedupe claim, quota, COPY rows, COPY dead letters, offsets.
+
+Rules: nothing here touches Redis hints or Kafka; the caller does that after ``write`` returns (after COMMIT).
+Rows Postgres refuses (data or constraint errors) are isolated by bisection under savepoints and dead-lettered
+with reason ``db_rejected``; the rest of the batch is still written with binary COPY. Any other error propagates
+and the whole transaction rolls back, so the caller can retry the batch as a unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+
+from ingest import dedupe, offsets
+from ingest.dedupe import Key
+from ingest.quota import Quota
+from ingest.reject import Reason
+
+DEAD_LETTER_COLUMNS = (
+    "stream", "reason", "detail", "raw", "tenant_id", "idempotency_key",
+    "source_topic", "source_partition", "source_offset", "kafka_key", "kafka_timestamp",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """Where a stream's data goes; names are configuration, never input."""
+
+    events: str
+    columns: tuple[str, ...]
+    dead_letters: str = "dead_letters"
+    ledger: str = "dedupe_keys"
+    offsets: str = "consumer_offsets"
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A valid, not-yet-seen event: its dedupe key, its row, and a dead-letter row to use if it is refused."""
+
+    key: Key
+    row: tuple[Any, ...]
+    dead_letter: tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class WriteResult:
+    stored: list[Candidate] = field(default_factory=list)
+    duplicates: list[Candidate] = field(default_factory=list)
+    over_quota: list[Candidate] = field(default_factory=list)
+    refused: list[tuple[Any, ...]] = field(default_factory=list)
+    splits: int = 0
+
+
+def with_reason(dead_letter: tuple[Any, ...], reason: Reason, detail: str) -> tuple[Any, ...]:
+    """Return a dead-letter row with ``reason`` and ``detail`` replaced."""
+    return (dead_letter[0], str(reason), detail, *dead_letter[3:])
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    state = getattr(exc, "sqlstate", None) or ""
+    return state[:2] in ("22", "23") or state == "54000"
+
+
+class Writer:
+    """Writes batches for one stream; safe to share between batches, not between concurrent transactions."""
+
+    def __init__(self, *, stream: str, group: str, topic: str, tables: Tables, window: timedelta,
+                 quota: Quota) -> None:
+        self.stream, self.group, self.topic = stream, group, topic
+        self.tables, self.window, self.quota = tables, window, quota
+
+    async def write(
+        self, conn: asyncpg.Connection, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
+        expected: dict[int, int], advance: dict[int, int],
+    ) -> WriteResult:
+        """Commit one batch or raise (``offsets.Fenced`` when another owner moved a partition)."""
+        try:
+            return await self._attempt(conn, candidates, dead_letters, expected, advance, careful=False)
+        except asyncpg.PostgresError as exc:
+            if not _is_data_error(exc):
+                raise
+        return await self._attempt(conn, candidates, dead_letters, expected, advance, careful=True)
+
+    async def _attempt(
+        self, conn: asyncpg.Connection, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
+        expected: dict[int, int], advance: dict[int, int], *, careful: bool,
+    ) -> WriteResult:
+        result = WriteResult()
+        async with conn.transaction():
+            await offsets.fence_and_advance(conn, self.tables.offsets, self.group, self.topic, expected, advance)
+            new = await dedupe.claim(conn, self.tables.ledger, self.stream, [c.key for c in candidates], self.window)
+            fresh = []
+            for c in candidates:
+                (fresh if c.key in new else result.duplicates).append(c)
+            if fresh:
+                verdicts = await self.quota.admit([c.key[0] for c in fresh])
+                admitted = []
+                for c, ok in zip(fresh, verdicts, strict=True):
+                    (admitted if ok else result.over_quota).append(c)
+                if result.over_quota:
+                    await dedupe.unclaim(conn, self.tables.ledger, self.stream, [c.key for c in result.over_quota])
+                if careful:
+                    await self._isolate(conn, admitted, result)
+                else:
+                    await self._copy(conn, admitted)
+                    result.stored = admitted
+            rejected = list(dead_letters)
+            rejected += [with_reason(c.dead_letter, Reason.QUOTA_EXCEEDED, "tenant over its quota")
+                         for c in result.over_quota]
+            rejected += result.refused
+            if rejected:
+                await conn.copy_records_to_table(
+                    self.tables.dead_letters, records=rejected, columns=DEAD_LETTER_COLUMNS)
+        return result
+
+    async def _copy(self, conn: asyncpg.Connection, rows: Sequence[Candidate]) -> None:
+        if rows:
+            await conn.copy_records_to_table(
+                self.tables.events, records=[c.row for c in rows], columns=self.tables.columns)
+
+    async def _isolate(self, conn: asyncpg.Connection, rows: Sequence[Candidate], result: WriteResult) -> None:
+        """Store what Postgres accepts of ``rows`` by bisection under savepoints; dead-letter the rest."""
+        if not rows:
+            return
+        result.splits += 1
+        pending = [rows[: len(rows) // 2], rows[len(rows) // 2:]] if len(rows) > 1 else [rows]
+        while pending:
+            chunk = pending.pop()
+            if not chunk:
+                continue
+            try:
+                async with conn.transaction():
+                    await self._copy(conn, chunk)
+                result.stored.extend(chunk)
+            except asyncpg.PostgresError as exc:
+                if not _is_data_error(exc):
+                    raise
+                if len(chunk) == 1:
+                    c = chunk[0]
+                    detail = f"Postgres refused the row: {exc.sqlstate} {str(exc)[:300]}"
+                    result.refused.append(with_reason(c.dead_letter, Reason.DB_REJECTED, detail))
+                    await dedupe.unclaim(conn, self.tables.ledger, self.stream, [c.key])
+                else:
+                    result.splits += 1
+                    mid = len(chunk) // 2
+                    pending += [chunk[:mid], chunk[mid:]]

@@ -1,0 +1,1 @@
+"""Published contracts: JSON Schema for producers (``*.v1.json``) and SQL migrations (``sql/``)."""
