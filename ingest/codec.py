@@ -62,7 +62,11 @@ def decode(raw: bytes | None, limits: DecodeLimits) -> Decoded:
         raise _classify_decode_error(str(exc)) from None
     if not isinstance(obj, dict):
         raise Rejected(Reason.NOT_OBJECT, f"top-level JSON value is {_json_type(obj)}, not an object")
-    if orjson.dumps(obj) != raw:
+    try:
+        compact = orjson.dumps(obj) == raw
+    except orjson.JSONEncodeError:  # nested deeper than orjson's encoder allows (254 levels)
+        compact = False
+    if not compact:
         _exact_check(raw)
     if raw.count(b"{") + raw.count(b"[") > limits.max_depth:
         depth = _depth(obj)

@@ -70,10 +70,39 @@ def _reason_for(field: str) -> Reason:
     return Reason.INVALID_FIELD
 
 
+def _ecma_anchors(pattern: str) -> str:
+    """Give ``$`` its ECMA-262 meaning (JSON Schema's regex dialect): the very end of the string.
+
+    Python's ``$`` also matches just before a final newline, so ``^[a-z]+$`` would accept ``"abc\\n"``.
+    """
+    out: list[str] = []
+    i, n, in_class = 0, len(pattern), False
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+            if pattern.startswith("^]", i + 1) or pattern.startswith("]", i + 1):  # leading ']' is literal
+                skip = 3 if pattern[i + 1] == "^" else 2
+                out.append(pattern[i:i + skip])
+                i += skip
+                continue
+        elif ch == "$":
+            ch = r"\Z"
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
 def _string_check(field: str, spec: dict[str, Any]) -> _Check:
     lo = int(spec.get("minLength", 0))
     hi = spec.get("maxLength")
-    pattern = re.compile(spec["pattern"]) if "pattern" in spec else None
+    pattern = re.compile(_ecma_anchors(spec["pattern"])) if "pattern" in spec else None
     is_datetime = spec.get("format") == "date-time"
     reason = Reason.INVALID_TIMESTAMP if is_datetime else _reason_for(field)
 
@@ -107,7 +136,10 @@ def _object_check(field: str, spec: dict[str, Any]) -> _Check:
             for key, item in value.items():
                 if type(item) is not str:
                     raise Rejected(Reason.WRONG_TYPE, f"{field}.{key[:64]} must be a string")
-        return orjson.dumps(value)
+        try:
+            return orjson.dumps(value)
+        except orjson.JSONEncodeError:  # only reachable when max_depth allows more than 254 levels
+            raise Rejected(Reason.TOO_DEEP, f"{field} is nested too deeply to store") from None
 
     return check
 

@@ -1,0 +1,103 @@
+"""Real services for integration tests: one embedded broker per session; per test a fresh database, topic
+prefix, consumer-group prefix and Redis key prefix, all removed afterwards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from consumers import run, settings, streams
+from ingest import broker as broker_mod
+from ingest.config import Config
+
+PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    """Bootstrap address of a Tansu broker started for this test session (TEST_KAFKA_BOOTSTRAP overrides)."""
+    if os.environ.get("TEST_KAFKA_BOOTSTRAP"):
+        yield os.environ["TEST_KAFKA_BOOTSTRAP"]
+        return
+    port = free_port()
+    log = os.path.join(tempfile.gettempdir(), f"ingest-test-broker-{port}.log")
+    proc = broker_mod.start_embedded("127.0.0.1", port, log_path=log)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def env(broker: str) -> Iterator[dict[str, str]]:
+    """Environment of an isolated ingest deployment (fast group timeouts for the embedded broker)."""
+    uid = uuid.uuid4().hex[:10]
+    yield {
+        "INGEST_KAFKA_BOOTSTRAP": broker,
+        "INGEST_DATABASE_URL": f"postgresql://127.0.0.1:5432/ingest_t_{uid}",
+        "INGEST_REDIS_URL": REDIS_URL,
+        "INGEST_REDIS_PREFIX": f"t_{uid}",
+        "INGEST_TOPIC_PREFIX": f"t_{uid}.",
+        "INGEST_GROUP_PREFIX": f"g_{uid}",
+        "INGEST_TOPIC_PARTITIONS": "4",
+        "INGEST_RETENTION_DAYS": "3",
+        "INGEST_PARTITION_PREMAKE_DAYS": "2",
+        "INGEST_SESSION_TIMEOUT_MS": "6000",
+        "INGEST_REBALANCE_TIMEOUT_MS": "1000",
+        "INGEST_HEARTBEAT_INTERVAL_MS": "500",
+        "INGEST_BATCH_MAX_AGE_MS": "50",
+        "INGEST_METRICS_PORT": "0",
+        "INGEST_LOG_LEVEL": "WARNING",
+    }
+
+
+@pytest.fixture
+async def config(env: dict[str, str]) -> AsyncIterator[Config]:
+    """A migrated database and created topics for this test; everything is dropped afterwards."""
+    cfg = settings.from_env(env)
+    await run.run_migrations(cfg)
+    await run.ensure_all_topics(cfg)
+    try:
+        yield cfg
+    finally:
+        await broker_mod.delete_topics(cfg.kafka_bootstrap, [s.topic_for(cfg) for s in streams.STREAMS.values()])
+        admin = await asyncpg.connect(PG_ADMIN)
+        try:
+            name = cfg.database_url.rsplit("/", 1)[1]
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        redis = Redis.from_url(REDIS_URL)
+        try:
+            keys = [k async for k in redis.scan_iter(match=f"{cfg.redis_prefix}:*", count=1000)]
+            if keys:
+                await redis.delete(*keys)
+        except Exception:
+            pass  # a test may have stopped Redis; its keys died with it
+        finally:
+            await redis.aclose()
+
+
+@pytest.fixture
+async def db(config: Config) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test database, for assertions."""
+    conn = await asyncpg.connect(config.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()

@@ -1,0 +1,125 @@
+"""The batch transaction against a real Postgres: fencing, poison rows, dedupe window, quota hook."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from consumers import sample, streams
+from ingest import offsets
+from ingest.config import Config
+from ingest.pipeline import prepare
+from ingest.services import create_pool
+from ingest.writer import Writer
+
+STREAM = streams.WEBHOOK
+
+
+@dataclass
+class Rec:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int
+
+
+class CountingQuota:
+    def __init__(self, deny: set[str] | None = None) -> None:
+        self.calls = 0
+        self.deny = deny or set()
+
+    async def admit(self, tenants: Sequence[str]) -> list[bool]:
+        self.calls += 1
+        return [t not in self.deny for t in tenants]
+
+
+@pytest.fixture
+async def pool(config: Config) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(config.database_url, max_size=2)
+    yield p
+    await p.close()
+
+
+def records(config: Config, events: list[bytes | None], partition: int = 0, start: int = 0) -> list[Rec]:
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    return [Rec(STREAM.topic_for(config), partition, start + i, b"k", v, now_ms) for i, v in enumerate(events)]
+
+
+def writer(config: Config, quota: CountingQuota | None = None, window: timedelta = timedelta(days=7)) -> Writer:
+    return Writer(stream=STREAM.name, group=STREAM.group_for(config), topic=STREAM.topic_for(config),
+                  tables=STREAM.tables(), window=window, quota=quota or CountingQuota())
+
+
+async def write(config: Config, conn: asyncpg.Connection, w: Writer, recs: list[Rec], expected: dict[int, int]):
+    prepared = prepare(STREAM.name, recs, STREAM.contract(config), config.decode, datetime.now(UTC))
+    return prepared, await w.write(conn, prepared.candidates, prepared.dead_letters, expected, prepared.advance)
+
+
+def events(n: int, seed: int = 1) -> list[bytes | None]:
+    from ingest.publisher import encode
+    contract = STREAM.contract(Config())
+    return [encode(e, contract, Config().decode)[1] for e in sample.generate("webhook", n, dup_rate=0, seed=seed)]
+
+
+async def test_stale_owner_is_fenced(config: Config, pool: asyncpg.Pool) -> None:
+    group, topic = STREAM.group_for(config), STREAM.topic_for(config)
+    async with pool.acquire() as conn:
+        start = await offsets.load(conn, "consumer_offsets", group, topic, [0])
+        assert start == {0: offsets.UNSET}
+        batch = events(10)
+        # Owner B took over and committed the first 5 records.
+        await write(config, conn, writer(config), records(config, batch[:5]), start)
+        # Stale owner A still believes the partition is at UNSET and tries to commit all 10.
+        with pytest.raises(offsets.Fenced):
+            await write(config, conn, writer(config), records(config, batch), start)
+        assert await conn.fetchval("SELECT count(*) FROM webhook_events") == 5
+        assert await conn.fetchval("SELECT next_offset FROM consumer_offsets WHERE partition = 0") == 5
+
+
+async def test_postgres_refused_row_is_isolated_rest_copied(config: Config, pool: asyncpg.Pool) -> None:
+    batch = events(40)
+    async with pool.acquire() as conn:
+        # A constraint the validator knows nothing about: Postgres itself refuses one row.
+        await conn.execute("ALTER TABLE webhook_events ADD CONSTRAINT no_refunds CHECK (event_type <> 'refunds/create')")
+        expected = await offsets.load(conn, "consumer_offsets", STREAM.group_for(config), STREAM.topic_for(config), [0])
+        prepared, result = await write(config, conn, writer(config), records(config, batch), expected)
+        bad = [c for c in prepared.candidates if c.row[2] == "refunds/create"]
+        assert bad, "sample should contain refunds/create events"
+        assert len(result.refused) == len(bad)
+        assert result.splits >= 1
+        assert await conn.fetchval("SELECT count(*) FROM webhook_events") == 40 - len(bad)
+        reasons = await conn.fetch("SELECT reason, raw, source_offset FROM dead_letters")
+        assert {r["reason"] for r in reasons} == {"db_rejected"}
+        assert sorted(r["source_offset"] for r in reasons) == sorted(c.row[-1] for c in bad)
+        assert {bytes(r["raw"]) for r in reasons} == {batch[c.row[-1]] for c in bad}
+        # Refused keys are not left in the ledger: once fixed, a replay can be stored.
+        assert await conn.fetchval("SELECT count(*) FROM dedupe_keys") == 40 - len(bad)
+        assert await conn.fetchval("SELECT next_offset FROM consumer_offsets WHERE partition = 0") == 40
+
+
+async def test_dedupe_window_and_quota_hook(config: Config, pool: asyncpg.Pool) -> None:
+    batch = events(20)
+    quota = CountingQuota(deny={"org-0003"})
+    async with pool.acquire() as conn:
+        exp = await offsets.load(conn, "consumer_offsets", STREAM.group_for(config), STREAM.topic_for(config), [0])
+        prepared, result = await write(config, conn, writer(config, quota), records(config, batch), exp)
+        assert quota.calls == 1  # one call per batch, whatever the number of tenants
+        denied = [c for c in prepared.candidates if c.key[0] == "org-0003"]
+        assert len(result.over_quota) == len(denied)
+        assert await conn.fetchval("SELECT count(*) FROM dead_letters WHERE reason = 'quota_exceeded'") == len(denied)
+        # Over-quota events are not claimed: re-sent, they are judged again, not treated as duplicates.
+        assert await conn.fetchval("SELECT count(*) FROM dedupe_keys WHERE tenant_id = 'org-0003'") == 0
+
+        # The same events again: duplicates within the window ...
+        _, again = await write(config, conn, writer(config), records(config, batch, start=20), {0: 20})
+        assert len(again.stored) == len(denied) and len(again.duplicates) == 20 - len(denied)
+        # ... but new again once the window has passed.
+        await conn.execute("UPDATE dedupe_keys SET seen_at = now() - interval '8 days'")
+        _, late = await write(config, conn, writer(config), records(config, batch, start=40), {0: 40})
+        assert len(late.stored) == 20
