@@ -6,8 +6,8 @@ import asyncio
 import dataclasses
 import random
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-import asyncpg
 import orjson
 from tqdm import tqdm
 
@@ -16,6 +16,9 @@ from ingest.config import Config
 from ingest.publisher import Publisher
 from ingest.services import create_pool
 from ingest.sql import ident
+
+if TYPE_CHECKING:
+    from ingest.sql import Conn
 
 # Deliberately bad messages, so the demo shows dead letters with reasons.
 HOSTILE: list[bytes | None] = [
@@ -30,7 +33,7 @@ HOSTILE: list[bytes | None] = [
 ]
 
 
-async def summary(conn: asyncpg.Connection, config: Config) -> str:
+async def summary(conn: Conn, config: Config) -> str:
     """Rows per table, dedupe ledger size, dead letters by reason, stored offsets."""
     lines = ["landed:"]
     for s in streams.STREAMS.values():

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 from redis.asyncio import Redis
@@ -22,6 +23,9 @@ from ingest.pipeline import Pipeline
 from ingest.quota import Unlimited
 from ingest.services import ServiceUnavailable, connect_redis, create_pool, redact
 from ingest.writer import Writer
+
+if TYPE_CHECKING:
+    from ingest.sql import Conn
 
 log = logging.getLogger(__name__)
 _MAINTENANCE_LOCK = 0x1E57_0002
@@ -43,7 +47,7 @@ async def run_migrations(config: Config) -> list[int]:
         await pool.close()
 
 
-async def ensure_partitions(conn: asyncpg.Connection, config: Config) -> list[str]:
+async def ensure_partitions(conn: Conn, config: Config) -> list[str]:
     """Partitions for every stream over [now - retention, now + premake]; one process at a time."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MAINTENANCE_LOCK):
         return []

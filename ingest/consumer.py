@@ -231,7 +231,7 @@ class StreamConsumer:
                 started = self.clock()
             if not records:
                 return records
-            if len(records) >= limits.max_rows or size >= limits.max_bytes or self.clock() - started >= max_age:
+            if len(records) >= limits.max_rows or size >= limits.max_bytes or self.clock() - (started or 0) >= max_age:
                 break
         return records
 

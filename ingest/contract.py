@@ -138,8 +138,8 @@ def _object_check(field: str, spec: dict[str, Any]) -> _Check:
                     raise Rejected(Reason.WRONG_TYPE, f"{field}.{key[:64]} must be a string")
         try:
             return orjson.dumps(value)
-        except orjson.JSONEncodeError:  # only reachable when max_depth allows more than 254 levels
-            raise Rejected(Reason.TOO_DEEP, f"{field} is nested too deeply to store") from None
+        except orjson.JSONEncodeError as exc:  # decoded input: only nesting beyond 254 levels gets here
+            raise Rejected(Reason.TOO_DEEP, f"{field} cannot be encoded: {exc}") from None
 
     return check
 

@@ -12,13 +12,16 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ingest.metrics import Metrics
 from ingest.sql import ident
+
+if TYPE_CHECKING:
+    from ingest.sql import Conn
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class RedisHints:
 
 
 async def claim(
-    conn: asyncpg.Connection, table: str, stream: str, keys: Sequence[Key], window: timedelta
+    conn: Conn, table: str, stream: str, keys: Sequence[Key], window: timedelta
 ) -> set[Key]:
     """Insert keys into the ledger inside the caller's transaction; return those that were new (or expired)."""
     if not keys:
@@ -87,7 +90,7 @@ async def claim(
     return {(r[0], r[1]) for r in rows}
 
 
-async def unclaim(conn: asyncpg.Connection, table: str, stream: str, keys: Sequence[Key]) -> None:
+async def unclaim(conn: Conn, table: str, stream: str, keys: Sequence[Key]) -> None:
     """Remove keys claimed in this transaction whose rows will not be stored (over quota, refused by Postgres)."""
     if keys:
         await conn.execute(

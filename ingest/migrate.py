@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from ingest.sql import ident
+
+if TYPE_CHECKING:
+    from ingest.sql import Conn
 
 log = logging.getLogger(__name__)
 _LOCK_KEY = 0x1E57_0001
@@ -37,7 +41,7 @@ async def create_database_if_missing(url: str) -> bool:
     return True
 
 
-async def apply(conn: asyncpg.Connection, migrations: Sequence[tuple[int, str, str]]) -> list[int]:
+async def apply(conn: Conn, migrations: Sequence[tuple[int, str, str]]) -> list[int]:
     """Apply ``(version, name, sql)`` migrations not yet recorded; return the versions applied now."""
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)

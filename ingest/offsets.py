@@ -6,10 +6,12 @@ A stored value of -1 means "nothing consumed yet: start at the beginning of the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from ingest.sql import ident
+
+if TYPE_CHECKING:
+    from ingest.sql import Conn
 
 UNSET = -1
 
@@ -22,7 +24,7 @@ class Fenced(Exception):
         self.partitions = tuple(partitions)
 
 
-async def load(conn: asyncpg.Connection, table: str, group: str, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+async def load(conn: Conn, table: str, group: str, topic: str, partitions: Sequence[int]) -> dict[int, int]:
     """Return the stored next offset of each partition, creating missing rows as ``UNSET``."""
     await conn.execute(
         f"""INSERT INTO {ident(table)} (group_id, topic, partition, next_offset)
@@ -38,7 +40,7 @@ async def load(conn: asyncpg.Connection, table: str, group: str, topic: str, par
 
 
 async def fence_and_advance(
-    conn: asyncpg.Connection, table: str, group: str, topic: str,
+    conn: Conn, table: str, group: str, topic: str,
     expected: Mapping[int, int], advance: Mapping[int, int],
 ) -> None:
     """Inside the batch transaction: lock the partitions' rows, check they still hold ``expected``, then write

@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from ingest.sql import ident
+
+if TYPE_CHECKING:
+    from ingest.sql import Conn
 
 GRANULARITIES = ("day", "week", "month")
 _BOUND = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
@@ -53,7 +55,7 @@ def _midnight(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
-async def existing(conn: asyncpg.Connection, table: str) -> list[Partition]:
+async def existing(conn: Conn, table: str) -> list[Partition]:
     """Range partitions of ``table`` (the DEFAULT partition excluded), ordered by start."""
     rows = await conn.fetch(
         """SELECT n.nspname || '.' || c.relname, pg_get_expr(c.relpartbound, c.oid)
@@ -93,7 +95,7 @@ def _subtract(s: datetime, e: datetime, hs: datetime, he: datetime) -> list[tupl
     return [(a, b) for a, b in ((s, hs), (he, e)) if a < b]
 
 
-async def ensure(conn: asyncpg.Connection, table: str, *, first: date, last: date, granularity: str,
+async def ensure(conn: Conn, table: str, *, first: date, last: date, granularity: str,
                  lock_timeout_ms: int) -> list[str]:
     """Create missing partitions covering ``[first, last]`` plus the DEFAULT partition; return created names."""
     created = []
@@ -112,6 +114,6 @@ async def ensure(conn: asyncpg.Connection, table: str, *, first: date, last: dat
     return created
 
 
-async def default_rows(conn: asyncpg.Connection, table: str) -> int:
+async def default_rows(conn: Conn, table: str) -> int:
     """Rows that fell into the DEFAULT partition (should be 0; each one means a missing partition)."""
     return int(await conn.fetchval(f"SELECT count(*) FROM {ident(table + '_default')}"))

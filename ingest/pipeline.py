@@ -11,9 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
-
-import asyncpg
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ingest.codec import DecodeLimits, decode
 from ingest.contract import Contract
@@ -21,6 +19,9 @@ from ingest.dedupe import Key, RedisHints
 from ingest.metrics import Metrics
 from ingest.reject import Rejected
 from ingest.writer import Candidate, Writer, WriteResult
+
+if TYPE_CHECKING:
+    from ingest.sql import Conn
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class Pipeline:
         self.stream, self.contract, self.limits = stream, contract, limits
         self.writer, self.hints, self.metrics = writer, hints, metrics
 
-    async def process(self, conn: asyncpg.Connection, records: Sequence[Record], expected: dict[int, int]) -> Outcome:
+    async def process(self, conn: Conn, records: Sequence[Record], expected: dict[int, int]) -> Outcome:
         """Validate, dedupe and commit ``records``; raises ``offsets.Fenced`` or a database error on failure."""
         prepared = prepare(self.stream, records, self.contract, self.limits, datetime.now(UTC))
         candidates = prepared.candidates

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
@@ -47,7 +46,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 4, **kwarg
     try:
         pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection,
                                          command_timeout=60, **kwargs)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise ServiceUnavailable("postgres", redact(url), exc) from None
     assert pool is not None
     return pool

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -19,6 +19,9 @@ from ingest import dedupe, offsets
 from ingest.dedupe import Key
 from ingest.quota import Quota
 from ingest.reject import Reason
+
+if TYPE_CHECKING:
+    from ingest.sql import Conn
 
 DEAD_LETTER_COLUMNS = (
     "stream", "reason", "detail", "raw", "tenant_id", "idempotency_key",
@@ -74,7 +77,7 @@ class Writer:
         self.tables, self.window, self.quota = tables, window, quota
 
     async def write(
-        self, conn: asyncpg.Connection, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
+        self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
         expected: dict[int, int], advance: dict[int, int],
     ) -> WriteResult:
         """Commit one batch or raise (``offsets.Fenced`` when another owner moved a partition)."""
@@ -86,19 +89,19 @@ class Writer:
         return await self._attempt(conn, candidates, dead_letters, expected, advance, careful=True)
 
     async def _attempt(
-        self, conn: asyncpg.Connection, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
+        self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
         expected: dict[int, int], advance: dict[int, int], *, careful: bool,
     ) -> WriteResult:
         result = WriteResult()
         async with conn.transaction():
             await offsets.fence_and_advance(conn, self.tables.offsets, self.group, self.topic, expected, advance)
             new = await dedupe.claim(conn, self.tables.ledger, self.stream, [c.key for c in candidates], self.window)
-            fresh = []
+            fresh: list[Candidate] = []
             for c in candidates:
                 (fresh if c.key in new else result.duplicates).append(c)
             if fresh:
                 verdicts = await self.quota.admit([c.key[0] for c in fresh])
-                admitted = []
+                admitted: list[Candidate] = []
                 for c, ok in zip(fresh, verdicts, strict=True):
                     (admitted if ok else result.over_quota).append(c)
                 if result.over_quota:
@@ -117,12 +120,12 @@ class Writer:
                     self.tables.dead_letters, records=rejected, columns=DEAD_LETTER_COLUMNS)
         return result
 
-    async def _copy(self, conn: asyncpg.Connection, rows: Sequence[Candidate]) -> None:
+    async def _copy(self, conn: Conn, rows: Sequence[Candidate]) -> None:
         if rows:
             await conn.copy_records_to_table(
                 self.tables.events, records=[c.row for c in rows], columns=self.tables.columns)
 
-    async def _isolate(self, conn: asyncpg.Connection, rows: Sequence[Candidate], result: WriteResult) -> None:
+    async def _isolate(self, conn: Conn, rows: Sequence[Candidate], result: WriteResult) -> None:
         """Store what Postgres accepts of ``rows`` by bisection under savepoints; dead-letter the rest."""
         if not rows:
             return

@@ -9,7 +9,15 @@ import asyncpg
 
 from consumers import sample
 from ingest.config import Config
-from tests.integration.helpers import drain, kill9, offsets_total, publish, spawn_consumer, stored_keys, unique_keys
+from tests.integration.helpers import (
+    drain,
+    kill9,
+    offsets_total,
+    publish,
+    spawn_consumer,
+    stored_keys,
+    unique_keys,
+)
 
 
 async def wait_progress(db: asyncpg.Connection, config: Config, above: int, timeout: float = 60) -> int:

@@ -9,7 +9,13 @@ import asyncpg
 from consumers import sample
 from ingest.config import Config
 from tests.integration.helpers import (
-    drain, dumps, offsets_total, publish, publish_raw, stored_keys, unique_keys,
+    drain,
+    dumps,
+    offsets_total,
+    publish,
+    publish_raw,
+    stored_keys,
+    unique_keys,
 )
 
 

@@ -1,0 +1,319 @@
+"""The hot-path Contract must accept exactly what the published JSON Schema files accept.
+
+Oracle: ``jsonschema.Draft202012Validator`` with its format checker (``rfc3339-validator`` backs ``date-time``).
+One documented deviation: python-jsonschema evaluates ``pattern`` with Python's ``re.search``, where ``$`` also
+matches just before a final newline; JSON Schema patterns are ECMA-262, where ``$`` is the end of the input
+(JSON-Schema-Test-Suite optional/ecmascript-regex.json). So the oracle overrides only the ``pattern`` keyword
+with ECMA end-of-input semantics, and the test checks the stock validator differs from it only in that case.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from functools import cache
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator, ValidationError, validators
+
+from consumers.streams import AUDIT, WEBHOOK, Stream, load_schema
+from ingest.contract import Contract, TimeWindow
+from ingest.reject import Reason, Rejected
+
+NOW = datetime(2024, 6, 15, 12, 0, 0, tzinfo=UTC)
+WINDOW = TimeWindow(max_age=timedelta(days=90), max_ahead=timedelta(days=1))
+SCHEMA_REASONS = {Reason.MISSING_FIELD, Reason.WRONG_TYPE, Reason.INVALID_TENANT_ID,
+                  Reason.INVALID_IDEMPOTENCY_KEY, Reason.INVALID_FIELD, Reason.INVALID_TIMESTAMP}
+STREAMS = [WEBHOOK, AUDIT]
+
+
+def _ecma_pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "string"):
+        return
+    # Every published pattern is ^BODY$ without top-level alternation: the ECMA-262 meaning is a full match.
+    assert patrn.startswith("^") and patrn.endswith("$") and not patrn.endswith("\\$"), patrn
+    if re.fullmatch(f"(?:{patrn[1:-1]})", instance) is None:
+        yield ValidationError(f"{instance!r} does not match {patrn!r}")
+
+
+EcmaValidator = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+@cache
+def oracles(stream: Stream) -> tuple[Any, Any]:
+    schema = load_schema(stream.schema_file)
+    Draft202012Validator.check_schema(schema)
+    fc = Draft202012Validator.FORMAT_CHECKER
+    return EcmaValidator(schema, format_checker=fc), Draft202012Validator(schema, format_checker=fc)
+
+
+@cache
+def contract(stream: Stream) -> Contract:
+    return Contract(load_schema(stream.schema_file), stream.columns, WINDOW)
+
+
+def test_date_time_format_is_really_checked() -> None:
+    import rfc3339_validator  # noqa: F401  (without it jsonschema silently skips "date-time")
+
+    fc = Draft202012Validator.FORMAT_CHECKER
+    assert "date-time" in fc.checkers
+    assert fc.conforms("2024-02-29T00:00:00Z", "date-time")
+    assert not fc.conforms("2023-02-29T00:00:00Z", "date-time")
+    assert not fc.conforms("2024-06-15T24:00:00Z", "date-time")
+
+
+def test_stock_jsonschema_has_the_trailing_newline_quirk() -> None:
+    """If this starts failing, python-jsonschema adopted ECMA ``$`` and the override can go."""
+    ecma, stock = oracles(WEBHOOK)
+    doc = {"tenant_id": "org\n", "idempotency_key": "k", "event_type": "e", "source": "s",
+           "occurred_at": "2024-06-15T11:00:00Z", "payload": {}}
+    assert stock.is_valid(doc)
+    assert not ecma.is_valid(doc)
+    with pytest.raises(Rejected) as info:
+        contract(WEBHOOK).validate_schema_only(doc)
+    assert info.value.reason is Reason.INVALID_TENANT_ID
+
+
+# --- strategies ---------------------------------------------------------------------------------------------
+
+INT64 = st.integers(-(2**63), 2**64 - 1)  # what decode() lets through
+json_values = st.recursive(
+    st.none() | st.booleans() | INT64 | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+wrong_types = st.one_of(st.booleans(), INT64, st.floats(allow_nan=False), st.none(),
+                        st.lists(json_values, max_size=2), st.dictionaries(st.text(max_size=4), json_values, max_size=2))
+INTERESTING = (
+    "aZf09._:-~ /@#é\u00e9\u2603\U0001f600\u2028\x85\xa0\ufeff"  # allowed somewhere, disallowed elsewhere, unicode
+    "\x00\x01\t\n\r\x1b\x1f\x7f"                                # control characters
+)
+
+
+def boundary_lengths(spec: dict[str, Any]) -> list[int]:
+    lo, hi = spec.get("minLength", 0), spec.get("maxLength", 300)
+    return sorted({0, 1, 2, lo, max(lo - 1, 0), hi - 1, hi, hi + 1})
+
+
+def valid_strings(spec: dict[str, Any]) -> st.SearchStrategy[str]:
+    """Strings that match the pattern, stretched to boundary lengths (every non-date pattern is ^[class]+$)."""
+    unit = st.from_regex(spec["pattern"], fullmatch=True).filter(lambda s: "\n" not in s and s != "")
+    return st.builds(lambda u, n: (u * (n // len(u) + 1))[:n], unit, st.sampled_from(boundary_lengths(spec)))
+
+
+def edge_strings(spec: dict[str, Any]) -> st.SearchStrategy[str]:
+    lengths = st.sampled_from(boundary_lengths(spec))
+    mixed = lengths.flatmap(lambda n: st.text(alphabet=INTERESTING, min_size=n, max_size=n))
+    one_bad = st.builds(lambda s, c, i: s[:i % (len(s) + 1)] + c + s[i % (len(s) + 1):],
+                        valid_strings(spec), st.sampled_from(INTERESTING), st.integers(0, 300))
+    trailing = st.builds(lambda s, t: s + t, valid_strings(spec), st.sampled_from(["\n", "\r", " ", "\x00"]))
+    return st.one_of(valid_strings(spec), mixed, one_bad, trailing, st.text(max_size=8))
+
+
+OFFSETS_OK = ["Z", "z", "+00:00", "-00:00", "+23:59", "-23:59", "+05:30", "-08:00", "+14:00"]
+OFFSETS_BAD = ["", "+24:00", "-24:00", "+23:60", "+0530", "+5:30", "UTC", " Z", "+00:00:00", "Z\n"]
+
+
+@st.composite
+def timestamps_in_window(draw: st.DrawFn) -> str:
+    """A valid RFC 3339 string for an instant within +-1 day of NOW, in any offset and spelling."""
+    instant = NOW + timedelta(microseconds=draw(st.integers(-86_400 * 10**6, 86_400 * 10**6)))
+    offset = draw(st.sampled_from(OFFSETS_OK))
+    if offset in ("Z", "z"):
+        tz = UTC
+    else:
+        sign = -1 if offset[0] == "-" else 1
+        tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
+    local = instant.astimezone(tz)
+    digits = draw(st.integers(0, 9))
+    frac = f"{local.microsecond:06d}{draw(st.integers(0, 999)):03d}"[:digits]
+    sep = draw(st.sampled_from("Tt"))
+    return f"{local:%Y-%m-%d}{sep}{local:%H:%M:%S}" + (f".{frac}" if digits else "") + offset
+
+
+@st.composite
+def timestamps_from_parts(draw: st.DrawFn) -> str:
+    """Components drawn independently, so both valid and near-miss invalid strings come out."""
+    year = draw(st.sampled_from([0, 1, 1900, 2000, 2023, 2024, 9999]))
+    month = draw(st.integers(0, 13))
+    day = draw(st.sampled_from([0, 1, 28, 29, 30, 31, 32]))
+    hour = draw(st.sampled_from([0, 9, 23, 24, 25]))
+    minute = draw(st.sampled_from([0, 59, 60]))
+    second = draw(st.sampled_from([0, 59, 60, 61]))
+    frac_digits = draw(st.integers(0, 10))
+    frac = "." + "1234567890"[:frac_digits] if frac_digits else draw(st.sampled_from(["", "."]))
+    sep = draw(st.sampled_from(["T", "t", " ", "", "_"]))
+    offset = draw(st.sampled_from(OFFSETS_OK + OFFSETS_BAD))
+    return f"{year:04d}-{month:02d}-{day:02d}{sep}{hour:02d}:{minute:02d}:{second:02d}{frac}{offset}"
+
+
+@st.composite
+def mangled_timestamps(draw: st.DrawFn) -> str:
+    s = draw(timestamps_in_window())
+    i = draw(st.integers(0, len(s)))
+    how = draw(st.sampled_from(["drop", "insert", "upper", "trail"]))
+    if how == "drop":
+        return s[:i] + s[i + 1:]
+    if how == "insert":
+        return s[:i] + draw(st.sampled_from("0:.-T \n\u0661")) + s[i:]
+    if how == "upper":
+        return s.upper()
+    return s + draw(st.sampled_from(["\n", " ", "0", "Z"]))
+
+
+timestamps = st.one_of(timestamps_in_window(), timestamps_from_parts(), mangled_timestamps())
+
+
+def valid_value(spec: dict[str, Any]) -> st.SearchStrategy[Any]:
+    if spec["type"] == "object":
+        if "additionalProperties" in spec:
+            return st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3)
+        return st.dictionaries(st.text(max_size=6), json_values, max_size=3)
+    if spec.get("format") == "date-time":
+        return timestamps_in_window()
+    return valid_strings(spec)
+
+
+def any_value(spec: dict[str, Any]) -> st.SearchStrategy[Any]:
+    if spec["type"] == "object":
+        non_string_values = st.dictionaries(st.text(max_size=4), wrong_types, min_size=1, max_size=2)
+        mixed = st.builds(lambda a, b: {**a, **b}, valid_value(spec), non_string_values)
+        return st.one_of(valid_value(spec), non_string_values, mixed, wrong_types, st.text(max_size=4))
+    strings = timestamps if spec.get("format") == "date-time" else edge_strings(spec)
+    return st.one_of(strings, strings, wrong_types)
+
+
+@st.composite
+def documents(draw: st.DrawFn, schema: dict[str, Any]) -> Any:
+    props: dict[str, Any] = schema["properties"]
+    required = set(schema["required"])
+    if draw(st.integers(0, 49)) == 0:
+        return draw(wrong_types.filter(lambda v: not isinstance(v, dict)))
+    doc = {name: draw(valid_value(spec)) for name, spec in props.items()
+           if name in required or draw(st.booleans())}
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(st.sampled_from(sorted(props)))
+        action = draw(st.sampled_from(["drop", "replace", "replace", "extra"]))
+        if action == "drop":
+            doc.pop(name, None)
+        elif action == "replace":
+            doc[name] = draw(any_value(props[name]))
+        else:
+            extra = draw(st.sampled_from(["extra", name.upper(), name + " ", "", "x\x00"]) | st.text(max_size=6))
+            if extra not in props:
+                doc[extra] = draw(json_values)
+    return doc
+
+
+# --- the properties -----------------------------------------------------------------------------------------
+
+def instant_of(text: str) -> datetime:
+    """Independent reading of an oracle-valid date-time (layout fixed by the schema's pattern)."""
+    s = text.upper()
+    base = datetime.fromisoformat(f"{s[:10]}T{s[11:19]}")
+    rest = s[19:]
+    frac, offset = "", rest
+    if rest.startswith("."):
+        frac = rest[1:].split("Z")[0].split("+")[0].split("-")[0]
+        offset = rest[1 + len(frac):]
+    if offset == "Z":
+        tz = UTC
+    else:
+        sign = -1 if offset[0] == "-" else 1
+        tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
+    return base.replace(microsecond=int(frac[:6].ljust(6, "0")) if frac else 0, tzinfo=tz)
+
+
+def check_agreement(stream: Stream, doc: Any) -> None:
+    ecma, stock = oracles(stream)
+    c = contract(stream)
+    expected = ecma.is_valid(doc)
+    if stock.is_valid(doc) != expected:  # the only allowed difference: Python's `$` before a final newline
+        assert any(isinstance(v, str) and v.endswith("\n") for v in doc.values()), doc
+    try:
+        c.validate_schema_only(doc)
+        accepted, why = True, None
+    except Rejected as rej:
+        accepted, why = False, rej.reason
+    assert accepted == expected, (doc, why, [e.message for e in ecma.iter_errors(doc)])
+    if not isinstance(doc, dict):  # extract() only ever sees decoded objects
+        assert why is Reason.NOT_OBJECT
+        return
+    if not accepted:
+        assert why in SCHEMA_REASONS
+        with pytest.raises(Rejected) as info:
+            c.extract(doc, NOW)
+        assert info.value.reason is why
+        return
+    when = instant_of(doc["occurred_at"])
+    if not NOW - WINDOW.max_age <= when <= NOW + WINDOW.max_ahead:
+        with pytest.raises(Rejected) as info:
+            c.extract(doc, NOW)
+        assert info.value.reason in {Reason.TIMESTAMP_TOO_OLD, Reason.TIMESTAMP_IN_FUTURE}
+        return
+    values = c.extract(doc, NOW)
+    assert len(values) == len(stream.columns)
+    for column, value in zip(stream.columns, values, strict=True):
+        if column not in doc:
+            assert value is None
+        elif column == "occurred_at":
+            assert value == when and value.utcoffset() == when.utcoffset()
+        elif isinstance(doc[column], dict):
+            assert isinstance(value, bytes) and orjson.loads(value) == doc[column]
+        else:
+            assert value == doc[column]
+
+
+FAST = settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(doc=documents(load_schema(WEBHOOK.schema_file)))
+def test_webhook_contract_agrees_with_jsonschema(doc: Any) -> None:
+    check_agreement(WEBHOOK, doc)
+
+
+@FAST
+@given(doc=documents(load_schema(AUDIT.schema_file)))
+def test_audit_contract_agrees_with_jsonschema(doc: Any) -> None:
+    check_agreement(AUDIT, doc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(stream=st.sampled_from(STREAMS), ts=timestamps)
+def test_occurred_at_agreement(stream: Stream, ts: str) -> None:
+    doc = {"tenant_id": "t", "idempotency_key": "k", "event_type": "e", "source": "s", "action": "a",
+           "actor_id": "u", "payload": {}, "occurred_at": ts}
+    check_agreement(stream, doc)
+
+
+@pytest.mark.parametrize("stream", STREAMS, ids=lambda s: s.name)
+@pytest.mark.parametrize("ts", [
+    "2024-06-15T11:00:00Z", "2024-06-15t11:00:00z", "2024-06-15T11:00:00.123456789+23:59",
+    "2024-06-15T11:00:00-00:00", "2024-02-30T11:00:00Z", "2024-06-15T11:00:00", "2024-06-15 11:00:00Z",
+    "2024-06-15T11:00:00+24:00", "2024-06-15T11:00:00.1234567890Z", "2024-06-15T11:00:00Z\n",
+    "0000-06-15T11:00:00Z", "2024-06-15T11:00:60Z", "2024-13-15T11:00:00Z",
+])
+def test_occurred_at_examples(stream: Stream, ts: str) -> None:
+    doc = {"tenant_id": "t", "idempotency_key": "k", "event_type": "e", "source": "s", "action": "a",
+           "actor_id": "u", "payload": {}, "occurred_at": ts}
+    check_agreement(stream, doc)
+
+
+def test_generators_reach_both_outcomes() -> None:
+    """Guard against a vacuous property: the document strategy must produce valid and invalid docs."""
+    ecma, _ = oracles(WEBHOOK)
+    seen: set[bool] = set()
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(doc=documents(load_schema(WEBHOOK.schema_file)))
+    def probe(doc: Any) -> None:
+        seen.add(ecma.is_valid(doc))
+
+    probe()
+    assert seen == {True, False}
