@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from consumers import run, settings, streams
 from ingest import broker as broker_mod
 from ingest.config import Config
+from tests.integration import helpers
 
 PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -62,7 +63,7 @@ def env(broker: str) -> Iterator[dict[str, str]]:
         "INGEST_HEARTBEAT_INTERVAL_MS": "500",
         "INGEST_BATCH_MAX_AGE_MS": "50",
         "INGEST_METRICS_PORT": "0",
-        "INGEST_LOG_LEVEL": "WARNING",
+        "INGEST_LOG_LEVEL": os.environ.get("TEST_LOG_LEVEL", "WARNING"),
     }
 
 
@@ -101,3 +102,10 @@ async def db(config: Config) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def redis_back() -> AsyncIterator[None]:
+    """Whatever the test does to Redis, it runs again afterwards."""
+    yield
+    helpers.start_redis()

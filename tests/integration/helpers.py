@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 
 from consumers import run, streams
+from ingest.broker import listening
 from ingest.config import Config
 from ingest.consumer import Totals
 from ingest.publisher import Publisher
@@ -83,3 +84,26 @@ def kill9(proc: subprocess.Popen[bytes]) -> None:
 
 def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
+
+
+REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
+               "--save", "", "--appendonly", "no"]
+
+
+def stop_redis() -> None:
+    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=10)
+    for _ in range(100):
+        if not listening("127.0.0.1", 6379):
+            return
+        subprocess.run(["sleep", "0.05"])
+    raise AssertionError("redis did not stop")
+
+
+def start_redis() -> None:
+    if not listening("127.0.0.1", 6379):
+        subprocess.run(REDIS_START, check=True, capture_output=True, timeout=10)
+    for _ in range(100):
+        if listening("127.0.0.1", 6379):
+            return
+        subprocess.run(["sleep", "0.05"])
+    raise AssertionError("redis did not start")

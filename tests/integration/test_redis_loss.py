@@ -3,46 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 from redis.asyncio import Redis
 
 from consumers import run, sample, streams
-from ingest.broker import listening
 from ingest.config import Config
-from tests.integration.helpers import drain, offsets_total, publish, stored_keys, unique_keys
-
-REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
-               "--save", "", "--appendonly", "no"]
-
-
-def stop_redis() -> None:
-    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=10)
-    for _ in range(100):
-        if not listening("127.0.0.1", 6379):
-            return
-        subprocess.run(["sleep", "0.05"])
-    raise AssertionError("redis did not stop")
-
-
-def start_redis() -> None:
-    if not listening("127.0.0.1", 6379):
-        subprocess.run(REDIS_START, check=True, capture_output=True, timeout=10)
-    for _ in range(100):
-        if listening("127.0.0.1", 6379):
-            return
-        subprocess.run(["sleep", "0.05"])
-    raise AssertionError("redis did not start")
-
-
-@pytest.fixture
-async def redis_back() -> AsyncIterator[None]:
-    """Whatever the test does to Redis, it runs again afterwards."""
-    yield
-    start_redis()
+from tests.integration.helpers import (
+    drain,
+    offsets_total,
+    publish,
+    start_redis,
+    stop_redis,
+    stored_keys,
+    unique_keys,
+)
 
 
 async def settle(db: asyncpg.Connection, config: Config, stream: str, expected: int, timeout: float = 60) -> None:
