@@ -1,65 +1,31 @@
-"""``ingest`` command line. Every command reads its settings from the environment (see README)."""
+"""``ingest`` command line. Every command reads its settings from the environment (see README).
+
+Commands live in ``consumers.commands.*``; each module's ``register`` adds its sub-parsers and sets ``handler``
+to an ``async def handler(args, config) -> int``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import logging
-import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-import asyncpg
-import orjson
 import uvloop
-from tqdm import tqdm
 
-from consumers import report, run, settings, streams
-from ingest import broker, logs
-from ingest.codec import decode
-from ingest.config import Config
-from ingest.publisher import Publisher
-from ingest.reject import Rejected
-from ingest.services import ServiceUnavailable, connect_redis, create_pool
+from consumers import settings
+from consumers.commands import COMMAND_MODULES
+from ingest import logs
+from ingest.services import ServiceUnavailable
 
-log = logging.getLogger("ingest.cli")
 EXIT_UNAVAILABLE = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by tests to check deploy files name real commands)."""
-    parser = argparse.ArgumentParser(prog="ingest", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ingest", description="Kafka -> Postgres event ingestion.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    sub.add_parser("migrate", help="create the database, apply migrations, create partitions ahead")
-
-    topics = sub.add_parser("topics", help="Kafka topics")
-    topics_sub = topics.add_subparsers(dest="action", required=True)
-    ensure = topics_sub.add_parser("ensure", help="create events.webhook and events.audit when missing")
-    ensure.add_argument("--partitions", type=int, default=None, help="default: INGEST_TOPIC_PARTITIONS (12)")
-
-    consume = sub.add_parser("consume", help="run consumers until SIGTERM/SIGINT")
-    consume.add_argument("--stream", choices=["webhook", "audit", "all"], default="all")
-    consume.add_argument("--drain", action="store_true", help="exit 0 once every assigned partition is caught up")
-
-    publish = sub.add_parser("publish", help="validate JSON Lines and publish them keyed by tenant_id")
-    publish.add_argument("--stream", choices=["webhook", "audit"], required=True)
-    publish.add_argument("file", help="a JSON Lines file, or - for standard input")
-
-    dev = sub.add_parser("dev", help="embedded development services")
-    dev_sub = dev.add_subparsers(dest="action", required=True)
-    dev_sub.add_parser("up", help="start the embedded broker on INGEST_KAFKA_BOOTSTRAP, check Postgres and Redis, "
-                                  "create topics")
-    dev_sub.add_parser("down", help="stop the embedded broker started by `ingest dev up`")
-
-    demo = sub.add_parser("demo", help="publish a realistic sample, drain it, and print what landed where")
-    demo.add_argument("--events", type=int, default=2000, help="events per stream (default 2000)")
-    demo.add_argument("--tenants", type=int, default=8)
-
-    sub.add_parser("summary", help="print rows per table, duplicates and dead letters by reason")
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 
@@ -71,158 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ingest: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.log_level)
-    handler = _COMMANDS[(args.command, getattr(args, "action", None))]
     try:
-        return int(uvloop.run(handler(args, config)) or 0)
+        return int(uvloop.run(args.handler(args, config)) or 0)
     except ServiceUnavailable as exc:
         print(f"ingest: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
 
-
-async def _migrate(args: argparse.Namespace, config: Config) -> int:
-    applied = await run.run_migrations(config)
-    print(f"migrations applied: {applied or 'none (up to date)'}; partitions ensured")
-    return 0
-
-
-async def _topics_ensure(args: argparse.Namespace, config: Config) -> int:
-    if args.partitions:
-        config = _replace(config, topic_partitions=args.partitions)
-    created = await run.ensure_all_topics(config)
-    print(f"topics created: {created or 'none (all present)'}")
-    return 0
-
-
-async def _consume(args: argparse.Namespace, config: Config) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(run.consume(config, streams.select(args.stream), stop, drain=args.drain))
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if not task.done():
-        log.info("stopping: finishing the in-flight batch", extra={"deadline_s": config.shutdown_timeout_s})
-        try:
-            await asyncio.wait_for(asyncio.shield(task), config.shutdown_timeout_s)
-        except TimeoutError:
-            log.warning("shutdown deadline passed; abandoning the in-flight batch (it will be re-read)")
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return 1
-    stopper.cancel()
-    totals = task.result()
-    print(orjson.dumps({name: vars_of(t) for name, t in totals.items()}).decode())
-    return 0
-
-
-def vars_of(obj: Any) -> dict[str, Any]:
-    return {k: getattr(obj, k) for k in obj.__slots__}
-
-
-async def _publish(args: argparse.Namespace, config: Config) -> int:
-    stream = streams.STREAMS[args.stream]
-    contract = stream.contract(config)
-    # A CLI reading its input file: blocking reads between awaits are fine here.
-    source = sys.stdin.buffer if args.file == "-" else Path(args.file).open("rb")  # noqa: SIM115, ASYNC230
-    refused: list[tuple[int, str]] = []
-    sent = 0
-    with source, tqdm(desc=f"publish {stream.topic_for(config)}", unit="ev", file=sys.stderr) as bar:
-        async with Publisher(bootstrap=config.kafka_bootstrap, topic=stream.topic_for(config),
-                             contract=contract, limits=config.decode) as pub:
-            from datetime import UTC, datetime
-            for lineno, line in enumerate(source, 1):
-                value = line.rstrip(b"\r\n")
-                if not value.strip():
-                    continue
-                try:
-                    key = contract.extract(decode(value, config.decode).obj, datetime.now(UTC))[0].encode()
-                except Rejected as rej:
-                    refused.append((lineno, f"{rej.reason}: {rej.detail}"))
-                    continue
-                await pub.send_raw(key, value)
-                sent += 1
-                bar.update()
-    for lineno, why in refused[:100]:
-        print(f"line {lineno}: refused: {why}", file=sys.stderr)
-    if len(refused) > 100:
-        print(f"... and {len(refused) - 100} more refused lines", file=sys.stderr)
-    print(f"published {sent} events to {stream.topic_for(config)}; refused {len(refused)} lines")
-    return 1 if refused else 0
-
-
-def _pidfile(config: Config) -> Path:
-    return Path("/tmp") / f"ingest-broker-{config.kafka_bootstrap.replace(':', '-').replace(',', '_')}.pid"
-
-
-async def _dev_up(args: argparse.Namespace, config: Config) -> int:
-    host, _, port = config.kafka_bootstrap.split(",")[0].rpartition(":")
-    if broker.listening(host, int(port)):
-        print(f"kafka: something already listens on {host}:{port}; using it")
-    else:
-        proc = broker.start_embedded(host, int(port), log_path="/tmp/ingest-broker.log")
-        _pidfile(config).write_text(str(proc.pid))
-        print(f"kafka: started the embedded broker (pid {proc.pid}) on {host}:{port} (in-memory; log "
-              "/tmp/ingest-broker.log)")
-    pool = await create_pool(config.database_url.rsplit("/", 1)[0] + "/postgres", max_size=1)
-    await pool.close()
-    print("postgres: reachable")
-    redis = await connect_redis(config.redis_url)
-    await redis.aclose()
-    print("redis: reachable")
-    created = await run.ensure_all_topics(config)
-    print(f"topics created: {created or 'none (all present)'}")
-    return 0
-
-
-async def _dev_down(args: argparse.Namespace, config: Config) -> int:
-    pidfile = _pidfile(config)
-    if not pidfile.exists():
-        print("no embedded broker started by `ingest dev up`")
-        return 0
-    import os
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(int(pidfile.read_text()), signal.SIGTERM)
-    pidfile.unlink()
-    print("embedded broker stopped")
-    return 0
-
-
-async def _demo(args: argparse.Namespace, config: Config) -> int:
-    return await report.demo(config, events=args.events, n_tenants=args.tenants)
-
-
-async def _summary(args: argparse.Namespace, config: Config) -> int:
-    pool = await create_pool(config.database_url, max_size=1)
-    try:
-        async with pool.acquire() as conn:
-            print(await report.summary(conn, config))
-    except asyncpg.UndefinedTableError:
-        print("ingest: schema missing: run `ingest migrate` first", file=sys.stderr)
-        return 1
-    finally:
-        await pool.close()
-    return 0
-
-
-def _replace(config: Config, **changes: Any) -> Config:
-    import dataclasses
-    return dataclasses.replace(config, **changes)
-
-
-_COMMANDS: dict[tuple[str, str | None], Any] = {
-    ("migrate", None): _migrate,
-    ("topics", "ensure"): _topics_ensure,
-    ("consume", None): _consume,
-    ("publish", None): _publish,
-    ("dev", "up"): _dev_up,
-    ("dev", "down"): _dev_down,
-    ("demo", None): _demo,
-    ("summary", None): _summary,
-}
 
 if __name__ == "__main__":
     sys.exit(main())

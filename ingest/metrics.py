@@ -40,5 +40,13 @@ class Metrics:
                                  registry=r)
         self.poison_splits = Counter("ingest_poison_splits", "Batches split to isolate rows Postgres refused.",
                                      ["stream"], registry=r)
+        self.default_partition_rows = Gauge("ingest_default_partition_rows",
+                                            "Rows in a DEFAULT (safety-net) partition; should be 0.", ["table"],
+                                            registry=r)
+        self.quota_degraded = Gauge("ingest_quota_degraded",
+                                    "1 while Redis is unreachable for quotas, by mode (paused or fail_open).",
+                                    ["mode"], registry=r)
+        self.circuit_open = Gauge("ingest_circuit_open", "1 when the dead-letter circuit breaker stopped the stream.",
+                                  ["stream"], registry=r)
         self.fenced = Counter("ingest_fenced_batches", "Batches rolled back because another owner moved the offset.",
                               ["stream"], registry=r)

@@ -1,0 +1,9 @@
+"""Sub-commands of ``ingest``, one module per group; each has ``register(sub)``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from consumers.commands import core, dlq, quota
+
+COMMAND_MODULES: list[ModuleType] = [core, dlq, quota]
