@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from consumers import streams
 from consumers.streams import Stream
 from ingest import migrate, partitions
+from ingest.breaker import Breaker
 from ingest.broker import ensure_topics
 from ingest.config import Config
 from ingest.consumer import StreamConsumer, Totals
@@ -102,7 +103,7 @@ def build_consumer(config: Config, stream: Stream, rt: Runtime) -> StreamConsume
     hints = RedisHints(rt.redis, prefix=config.redis_prefix, stream=stream.name, ttl=config.dedupe.hint_ttl,
                        metrics=rt.metrics)
     pipeline = Pipeline(stream=stream.name, contract=stream.contract(config), limits=config.decode,
-                        writer=writer, hints=hints, metrics=rt.metrics)
+                        writer=writer, hints=hints, metrics=rt.metrics, breaker=Breaker(config.breaker))
     return StreamConsumer(config=config, stream=stream.name, topic=topic, group=group, pipeline=pipeline,
                           pool=rt.pool, metrics=rt.metrics, offsets_table=tables.offsets)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits, NulPolicy
 from ingest.config import BatchLimits, Config, DedupeConfig, PartitionConfig
 from ingest.contract import TimeWindow
@@ -45,6 +46,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_MAX_MESSAGE_BYTES", "262144", "Larger Kafka values are dead-lettered as `too_large`."),
     Setting("INGEST_MAX_DEPTH", "32", "Deeper JSON nesting is dead-lettered as `too_deep`."),
     Setting("INGEST_NUL_POLICY", "replace", "`\\u0000` in strings: `replace` (with U+FFFD), `strip`, or `reject`."),
+    Setting("INGEST_DLQ_MAX_RATIO", "0.5", "Circuit breaker: stop a stream when more than this share of its records..."),
+    Setting("INGEST_DLQ_MIN_RECORDS", "1000", "...out of at least this many..."),
+    Setting("INGEST_DLQ_WINDOW_SECONDS", "60", "...within this many seconds would be dead-lettered (ratio 1 disables)."),
     Setting("INGEST_ACCEPT_MAX_AGE_SECONDS", "", "Oldest accepted `occurred_at` (default: the retention)."),
     Setting("INGEST_ACCEPT_MAX_AHEAD_SECONDS", "86400", "Latest accepted `occurred_at` ahead of now (1 day)."),
     Setting("INGEST_PARTITION_GRANULARITY", "day", "Event-table partition size: day, week or month."),
@@ -79,6 +83,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
             raise ValueError("must be > 0")
         return value
 
+    def ratio(text: str) -> float:
+        value = float(text)
+        if not value > 0:
+            raise ValueError("must be > 0 (1 or more disables the breaker)")
+        return value
+
     def choice(options: tuple[str, ...]) -> Callable[[str], str]:
         def parse(text: str) -> str:
             if text not in options:
@@ -110,6 +120,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
             max_bytes=get("INGEST_MAX_MESSAGE_BYTES", positive),
             max_depth=get("INGEST_MAX_DEPTH", positive),
             nul_policy=NulPolicy(get("INGEST_NUL_POLICY", choice(tuple(p.value for p in NulPolicy)))),
+        ),
+        breaker=BreakerConfig(
+            max_ratio=get("INGEST_DLQ_MAX_RATIO", ratio),
+            min_records=get("INGEST_DLQ_MIN_RECORDS", positive),
+            window=timedelta(seconds=get("INGEST_DLQ_WINDOW_SECONDS", positive)),
         ),
         window=TimeWindow(
             max_age=timedelta(seconds=get("INGEST_ACCEPT_MAX_AGE_SECONDS", positive)) if max_age else retention,

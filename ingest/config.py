@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits
 from ingest.contract import TimeWindow
 
@@ -52,6 +53,7 @@ class Config:
     batch: BatchLimits = field(default_factory=BatchLimits)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     decode: DecodeLimits = field(default_factory=DecodeLimits)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
     window: TimeWindow = field(default_factory=TimeWindow)
     partitions: PartitionConfig = field(default_factory=PartitionConfig)
     metrics_host: str = "127.0.0.1"

@@ -23,6 +23,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from ingest import offsets
+from ingest.breaker import CircuitOpen
 from ingest.config import Config
 from ingest.metrics import Metrics
 from ingest.pipeline import Outcome, Pipeline
@@ -40,6 +41,7 @@ class Totals:
     rejected: int = 0
     quota_exceeded: int = 0
     batches: int = 0
+    stopped_by: str | None = None
 
     def add(self, o: Outcome) -> None:
         self.stored += o.stored
@@ -196,7 +198,14 @@ class StreamConsumer:
                     await self._retrying(consumer, stop, lambda: self._position(consumer))
                 records = await self._collect(consumer, stop)
                 if records:
-                    await self._commit(consumer, stop, records)
+                    try:
+                        await self._commit(consumer, stop, records)
+                    except CircuitOpen as exc:
+                        log.error("circuit breaker open: stopped consuming", extra={
+                            "stream": self.stream, "detail": str(exc)})
+                        self.metrics.circuit_open.labels(self.stream).set(1)
+                        self.totals.stopped_by = str(exc)
+                        break
                 elif drain and self._caught_up(consumer):
                     break
         finally:
@@ -269,7 +278,7 @@ class StreamConsumer:
         while True:
             try:
                 await action()
-            except offsets.Fenced:
+            except (offsets.Fenced, CircuitOpen):
                 raise
             except Exception as exc:
                 component = component_of(exc)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ingest.breaker import Breaker
 from ingest.codec import DecodeLimits, decode
 from ingest.contract import Contract
 from ingest.dedupe import Key, RedisHints
@@ -117,13 +119,18 @@ class Pipeline:
     """Processes batches for one stream. Rule: call ``process`` for one batch at a time."""
 
     def __init__(self, *, stream: str, contract: Contract, limits: DecodeLimits, writer: Writer,
-                 hints: RedisHints | None, metrics: Metrics) -> None:
+                 hints: RedisHints | None, metrics: Metrics, breaker: Breaker | None = None) -> None:
         self.stream, self.contract, self.limits = stream, contract, limits
         self.writer, self.hints, self.metrics = writer, hints, metrics
+        self.breaker = breaker
 
     async def process(self, conn: Conn, records: Sequence[Record], expected: dict[int, int]) -> Outcome:
-        """Validate, dedupe and commit ``records``; raises ``offsets.Fenced`` or a database error on failure."""
+        """Validate, dedupe and commit ``records``; raises ``offsets.Fenced``, ``breaker.CircuitOpen`` (nothing
+        written) or a database error on failure."""
         prepared = prepare(self.stream, records, self.contract, self.limits, datetime.now(UTC))
+        if self.breaker is not None:
+            reasons = Counter(str(row[1]) for row in prepared.dead_letters)
+            self.breaker.check(self.stream, len(records), len(prepared.dead_letters), reasons)
         candidates = prepared.candidates
         hinted = 0
         if self.hints is not None and candidates:

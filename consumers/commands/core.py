@@ -27,6 +27,7 @@ from ingest.reject import Rejected
 from ingest.services import connect_redis, create_pool
 
 log = logging.getLogger("ingest.cli")
+EXIT_CIRCUIT_OPEN = 4
 
 
 def register(sub: Any) -> None:
@@ -102,7 +103,10 @@ async def _consume(args: argparse.Namespace, config: Config) -> int:
     stopper.cancel()
     totals = task.result()
     print(orjson.dumps({name: vars_of(t) for name, t in totals.items()}).decode())
-    return 0
+    tripped = [t.stopped_by for t in totals.values() if t.stopped_by]
+    for why in tripped:
+        print(f"ingest: circuit breaker: {why}", file=sys.stderr)
+    return EXIT_CIRCUIT_OPEN if tripped else 0
 
 
 def vars_of(obj: Any) -> dict[str, Any]:
