@@ -102,7 +102,7 @@ def _ecma_anchors(pattern: str) -> str:
 def _string_check(field: str, spec: dict[str, Any]) -> _Check:
     lo = int(spec.get("minLength", 0))
     hi = spec.get("maxLength")
-    pattern = re.compile(spec["pattern"]) if "pattern" in spec else None
+    pattern = re.compile(_ecma_anchors(spec["pattern"])) if "pattern" in spec else None
     is_datetime = spec.get("format") == "date-time"
     reason = Reason.INVALID_TIMESTAMP if is_datetime else _reason_for(field)
 

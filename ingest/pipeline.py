@@ -52,8 +52,14 @@ def _text(value: object, limit: int) -> str | None:
     return value[:limit].replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
-def _kafka_time(ms: int) -> datetime:
-    return datetime.fromtimestamp(max(ms, 0) / 1000, UTC)
+_MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+
+
+def _kafka_time(ms: int, now: datetime) -> datetime:
+    """The record's Kafka timestamp; ``now`` when it is missing (-1) or outside what Postgres can hold."""
+    if not 0 <= ms <= _MAX_MS:
+        return now
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 @dataclass(slots=True)
@@ -79,7 +85,7 @@ def prepare(stream: str, records: Sequence[Record], contract: Contract, limits: 
         if advance.get(p, -1) <= off:
             advance[p] = off + 1
         obj: Any = None
-        ts = _kafka_time(rec.timestamp)
+        ts = _kafka_time(rec.timestamp, now)
         try:
             decoded = decode(rec.value, limits)
             obj = decoded.obj
@@ -174,3 +180,23 @@ class Pipeline:
         latency = m.latency.labels(s)
         for c in result.stored:
             latency.observe(max(0.0, (now_ms - c.row[-3].timestamp() * 1000) / 1000))
+        # Per tenant (bounded label, see Metrics.observe_tenants). Every record counted above is attributed, so
+        # the per-tenant sums equal ingest_events_total; in-batch duplicates carry no tenant here (None).
+        from collections import Counter  # local: this method is the only place that needs it
+
+        stored: Counter[str | None] = Counter(c.key[0] for c in result.stored)
+        quota: Counter[str | None] = Counter(c.key[0] for c in result.over_quota)
+        refused: Counter[str | None] = Counter(row[4] for row in result.refused)
+        rejected: Counter[str | None] = Counter(row[4] for row in prepared.dead_letters)
+        rejected.update(refused)
+        duplicates: Counter[str | None] = Counter(c.key[0] for c in result.duplicates)
+        if outcome.duplicates > prepared.in_batch_duplicates + len(result.duplicates):
+            # Redis-hinted duplicates never reached the writer: the candidates not accounted for by it.
+            hinted: Counter[str | None] = Counter(c.key[0] for c in prepared.candidates)
+            for written in (stored, quota, refused, duplicates):
+                hinted.subtract(written)
+            duplicates.update(+hinted)
+        if prepared.in_batch_duplicates:
+            duplicates[None] += prepared.in_batch_duplicates
+        m.observe_tenants(s, {"stored": stored, "duplicate": duplicates, "rejected": rejected,
+                              "quota_exceeded": quota})
