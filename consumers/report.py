@@ -58,7 +58,7 @@ async def demo(config: Config, *, events: int, n_tenants: int) -> int:
     The demo runs with short group timeouts so that it starts in seconds on the embedded broker, which waits out
     the full timeouts when a group forms."""
     config = dataclasses.replace(config, session_timeout_ms=6000, rebalance_timeout_ms=1000,
-                                 heartbeat_interval_ms=500)
+                                 heartbeat_interval_ms=500, metrics_port=0)
     await run.run_migrations(config)
     await run.ensure_all_topics(config)
     now = datetime.now(UTC)

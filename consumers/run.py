@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 from redis.asyncio import Redis
 
-from consumers import streams
+from consumers import quotas, streams
 from consumers.streams import Stream
 from ingest import migrate, partitions
 from ingest.breaker import Breaker
@@ -21,8 +21,7 @@ from ingest.consumer import StreamConsumer, Totals
 from ingest.dedupe import RedisHints
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
-from ingest.quota import Unlimited
-from ingest.services import ServiceUnavailable, connect_redis, create_pool, redact
+from ingest.services import ServiceUnavailable, connect_redis, create_pool, redact, redis_client
 from ingest.writer import Writer
 
 if TYPE_CHECKING:
@@ -90,16 +89,17 @@ async def open_runtime(config: Config, metrics: Metrics | None = None, *, pool_s
         redis = await connect_redis(config.redis_url)
     except ServiceUnavailable as exc:
         log.warning("redis unavailable at start; continuing, Postgres decides duplicates", extra={"error": str(exc)})
-        redis = Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=3)
-    return Runtime(pool, redis, metrics or Metrics())
+        redis = redis_client(config.redis_url)
+    return Runtime(pool, redis, metrics or Metrics(tenant_label_limit=config.tenant_label_limit))
 
 
 def build_consumer(config: Config, stream: Stream, rt: Runtime) -> StreamConsumer:
     """Wire decode/validate -> dedupe -> quota -> write for ``stream``."""
     tables = stream.tables()
     topic, group = stream.topic_for(config), stream.group_for(config)
+    quota = quotas.build(config, stream.name, redis=rt.redis, pool=rt.pool, metrics=rt.metrics)
     writer = Writer(stream=stream.name, group=group, topic=topic, tables=tables, window=config.dedupe.window,
-                    quota=Unlimited())
+                    quota=quota)
     hints = RedisHints(rt.redis, prefix=config.redis_prefix, stream=stream.name, ttl=config.dedupe.hint_ttl,
                        metrics=rt.metrics)
     pipeline = Pipeline(stream=stream.name, contract=stream.contract(config), limits=config.decode,
@@ -111,15 +111,31 @@ def build_consumer(config: Config, stream: Stream, rt: Runtime) -> StreamConsume
 async def consume(config: Config, selected: list[Stream], stop: asyncio.Event, *, drain: bool = False,
                   metrics: Metrics | None = None) -> dict[str, Totals]:
     """Run one consumer per selected stream until ``stop`` (or caught up with ``drain``)."""
+    from ingest import http  # local import: keeps this wiring inside consume()
+
     rt = await open_runtime(config, metrics)
+    watched: list[StreamConsumer] = []  # filled below; the probes read it at each request
+    server: http.HealthServer | None = None
     try:
+        if config.metrics_port:
+            server = http.HealthServer(
+                metrics=rt.metrics, host=config.metrics_host, port=config.metrics_port, consumers=watched,
+                probes={"postgres": http.postgres_probe(rt.pool), "redis": http.redis_probe(rt.redis),
+                        "kafka": http.kafka_probe(watched)},
+                stale_after=http.liveness_window(config.max_poll_interval_ms))
+            await server.start()
         async with rt.pool.acquire() as conn:
             if await conn.fetchval("SELECT to_regclass('consumer_offsets')") is None:
                 raise ServiceUnavailable("postgres", redact(config.database_url),
                                          "schema missing: run `ingest migrate` first")
             await ensure_partitions(conn, config)
         consumers = [build_consumer(config, s, rt) for s in selected]
+        watched.extend(consumers)
         results = await asyncio.gather(*(c.run(stop, drain=drain) for c in consumers))
         return {s.name: r for s, r in zip(selected, results, strict=True)}
     finally:
-        await rt.aclose()
+        try:
+            if server is not None:
+                await server.stop()
+        finally:
+            await rt.aclose()

@@ -13,7 +13,7 @@ from typing import Any
 
 from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits, NulPolicy
-from ingest.config import BatchLimits, Config, DedupeConfig, PartitionConfig
+from ingest.config import BatchLimits, Config, DedupeConfig, PartitionConfig, QuotaConfig
 from ingest.contract import TimeWindow
 from ingest.partitions import GRANULARITIES
 
@@ -55,8 +55,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_PARTITION_PREMAKE_DAYS", "7", "Partitions are created this far ahead."),
     Setting("INGEST_RETENTION_DAYS", "90", "Event retention; partitions cover at least this far back."),
     Setting("INGEST_DDL_LOCK_TIMEOUT_MS", "2000", "lock_timeout for partition DDL (never queue behind ingestion)."),
+    Setting("INGEST_QUOTA_DEFAULT_PER_SECOND", "0", "Sustained events/s per tenant and stream (0 = unlimited); overrides: `ingest quota set`."),
+    Setting("INGEST_QUOTA_DEFAULT_BURST", "0", "Events a tenant may send at once (0 = one second's worth of the rate)."),
+    Setting("INGEST_QUOTA_DEFAULT_PER_DAY", "0", "Events per tenant and stream per UTC day (0 = unlimited)."),
+    Setting("INGEST_QUOTA_REFRESH_SECONDS", "2", "How often consumers re-read quota overrides from Postgres."),
+    Setting("INGEST_QUOTA_FAIL_OPEN", "false", "Redis unreachable: `false` pauses consumption; `true` applies per-process in-memory limits."),
     Setting("INGEST_METRICS_HOST", "127.0.0.1", "Bind address of /metrics, /healthz, /readyz."),
     Setting("INGEST_METRICS_PORT", "9108", "Port of /metrics, /healthz, /readyz (0 = disabled)."),
+    Setting("INGEST_TENANT_LABEL_LIMIT", "50", "Tenants per stream with their own `tenant` label in metrics; the rest are summed as `other`."),
     Setting("INGEST_SESSION_TIMEOUT_MS", "30000", "Kafka group session timeout."),
     Setting("INGEST_REBALANCE_TIMEOUT_MS", "60000", "How long a rebalance waits for members to rejoin."),
     Setting("INGEST_HEARTBEAT_INTERVAL_MS", "3000", "Kafka group heartbeat interval."),
@@ -88,6 +94,30 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         if not value > 0:
             raise ValueError("must be > 0 (1 or more disables the breaker)")
         return value
+
+    def non_negative(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
+    def rate(text: str) -> float:
+        value = float(text)
+        if not 0 <= value < float("inf"):
+            raise ValueError("must be a finite number >= 0")
+        return value
+
+    def seconds(text: str) -> float:
+        value = float(text)
+        if not 0 < value < float("inf"):
+            raise ValueError("must be a finite number > 0")
+        return value
+
+    def boolean(text: str) -> bool:
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError("must be true or false")
+        return lowered in ("true", "1", "yes")
 
     def choice(options: tuple[str, ...]) -> Callable[[str], str]:
         def parse(text: str) -> str:
@@ -138,10 +168,18 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         ),
         metrics_host=get("INGEST_METRICS_HOST"),
         metrics_port=get("INGEST_METRICS_PORT", int),
+        tenant_label_limit=get("INGEST_TENANT_LABEL_LIMIT", positive),
         session_timeout_ms=get("INGEST_SESSION_TIMEOUT_MS", positive),
         rebalance_timeout_ms=get("INGEST_REBALANCE_TIMEOUT_MS", positive),
         heartbeat_interval_ms=get("INGEST_HEARTBEAT_INTERVAL_MS", positive),
         max_poll_interval_ms=get("INGEST_MAX_POLL_INTERVAL_MS", positive),
         shutdown_timeout_s=get("INGEST_SHUTDOWN_TIMEOUT_S", float),
         log_level=get("INGEST_LOG_LEVEL", choice(("DEBUG", "INFO", "WARNING", "ERROR"))),
+        quota=QuotaConfig(
+            default_per_second=get("INGEST_QUOTA_DEFAULT_PER_SECOND", rate),
+            default_burst=get("INGEST_QUOTA_DEFAULT_BURST", non_negative),
+            default_per_day=get("INGEST_QUOTA_DEFAULT_PER_DAY", non_negative),
+            refresh=timedelta(seconds=get("INGEST_QUOTA_REFRESH_SECONDS", seconds)),
+            fail_open=get("INGEST_QUOTA_FAIL_OPEN", boolean),
+        ),
     )

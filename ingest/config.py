@@ -39,6 +39,19 @@ class PartitionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    """Default per-tenant, per-stream limits (0 = unlimited; ``burst`` 0 = one second's worth of ``per_second``).
+    Overrides live in Postgres and are re-read every ``refresh``; with ``fail_open`` an unreachable Redis means
+    per-process in-memory limits instead of paused consumption."""
+
+    default_per_second: float = 0.0
+    default_burst: int = 0
+    default_per_day: int = 0
+    refresh: timedelta = timedelta(seconds=2)
+    fail_open: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything ingest needs to run; immutable once built."""
 
@@ -58,9 +71,11 @@ class Config:
     partitions: PartitionConfig = field(default_factory=PartitionConfig)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
+    tenant_label_limit: int = 50
     session_timeout_ms: int = 30000
     rebalance_timeout_ms: int = 60000
     heartbeat_interval_ms: int = 3000
     max_poll_interval_ms: int = 300000
     shutdown_timeout_s: float = 25.0
     log_level: str = "INFO"
+    quota: QuotaConfig = field(default_factory=QuotaConfig)

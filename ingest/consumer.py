@@ -56,6 +56,7 @@ class State:
     """What health checks read: assigned partitions, last loop turn, pause reasons."""
 
     assigned: set[int] = field(default_factory=set)
+    joined: bool = False
     last_turn: float = field(default_factory=time.monotonic)
     paused_reason: str | None = None
 
@@ -100,6 +101,7 @@ class StreamConsumer:
     def on_assigned(self, parts: set[int]) -> None:
         """Pause new partitions until they are positioned from Postgres (nothing here may fail)."""
         self._joined = True
+        self.state.joined = True
         self.metrics.rebalances.labels(self.stream).inc()
         self.state.assigned = set(parts)
         self.metrics.assigned.labels(self.stream).set(len(parts))

@@ -12,7 +12,8 @@ ROW_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000)
 class Metrics:
     """All series ingest exports; see docs/metrics.md for the meaning of each."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, tenant_label_limit: int = 50,
+                 tenant_label_min_events: int = 1000) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events = Counter("ingest_events", "Consumed records by outcome.", ["stream", "outcome"], registry=r)
@@ -50,3 +51,64 @@ class Metrics:
                                   ["stream"], registry=r)
         self.fenced = Counter("ingest_fenced_batches", "Batches rolled back because another owner moved the offset.",
                               ["stream"], registry=r)
+        self.quota_decisions = Counter("ingest_quota_decisions",
+                                       "Quota verdicts per event: admitted, denied, or unlimited (no Redis call).",
+                                       ["stream", "decision"], registry=r)
+        self.quota_check = Histogram("ingest_quota_check_seconds", "Time of the one Redis quota call per batch.",
+                                     ["stream"], buckets=WRITE_BUCKETS, registry=r)
+        self.quota_refresh_errors = Counter("ingest_quota_refresh_errors",
+                                            "Failed re-reads of quota overrides (the last limits stay in force).",
+                                            ["stream"], registry=r)
+        # Per-tenant volume with a bounded tenant label: see observe_tenants and docs/metrics.md.
+        self.tenant_events = Counter("ingest_tenant_events",
+                                     'Consumed records per tenant by outcome (top tenants; the rest as tenant="other").',
+                                     ["stream", "tenant", "outcome"], registry=r)
+        self.tenant_label_limit = tenant_label_limit  # N: tenants per stream that get their own label
+        self.tenant_label_min_events = tenant_label_min_events  # volume (a proven lower bound) a tenant needs before it gets one
+        self._tenant_labels: dict[str, set[str]] = {}  # stream -> tenants with a label (never revoked)
+        self._tenant_volume: dict[str, dict[str, int]] = {}  # stream -> Misra-Gries counters of the others
+
+    def observe_tenants(self, stream: str, counts: dict[str, dict[str | None, int]]) -> None:
+        """Count one batch per tenant: ``counts[outcome][tenant] = records`` (tenant None = unknown).
+
+        Tenants with a label are counted under their id, all others under ``"other"``, so the sum over tenants
+        always equals the total. One ``inc`` per distinct (label, outcome) of the batch."""
+        granted = self._tenant_labels.setdefault(stream, set())
+        if len(granted) < self.tenant_label_limit:
+            volume: dict[str, int] = {}
+            for per_tenant in counts.values():
+                for tenant, n in per_tenant.items():
+                    if tenant is not None and n > 0 and tenant not in granted:
+                        volume[tenant] = volume.get(tenant, 0) + n
+            self._grant_tenant_labels(stream, granted, volume)
+        sums: dict[tuple[str, str], int] = {}
+        for outcome, per_tenant in counts.items():
+            for tenant, n in per_tenant.items():
+                if n > 0:
+                    key = (tenant if tenant is not None and tenant in granted else "other", outcome)
+                    sums[key] = sums.get(key, 0) + n
+        for (tenant, outcome), n in sums.items():
+            self.tenant_events.labels(stream, tenant, outcome).inc(n)
+
+    def _grant_tenant_labels(self, stream: str, granted: set[str], volume: dict[str, int]) -> None:
+        """Give a label to tenants whose counted volume reaches ``tenant_label_min_events``, heaviest first, while
+        fewer than ``tenant_label_limit`` have one. Volumes are Misra-Gries counters over K = max(20 N, 1000)
+        tenants: never above the true count (a grant is always deserved), and memory stays O(K)."""
+        limit, threshold = self.tenant_label_limit, self.tenant_label_min_events
+        sketch = self._tenant_volume.setdefault(stream, {})
+        reached = []
+        for tenant, n in volume.items():
+            have = sketch.get(tenant, 0) + n
+            sketch[tenant] = have
+            if have >= threshold:
+                reached.append((have, tenant))
+        for _, tenant in sorted(reached, reverse=True)[: limit - len(granted)]:
+            granted.add(tenant)
+            del sketch[tenant]
+        if len(granted) >= limit:
+            self._tenant_volume.pop(stream, None)  # no label left to give: stop counting
+            return
+        capacity = max(20 * limit, 1000)
+        if len(sketch) > 2 * capacity:
+            cut = sorted(sketch.values(), reverse=True)[capacity]  # the (K+1)-th largest counter
+            self._tenant_volume[stream] = {t: c - cut for t, c in sketch.items() if c > cut}

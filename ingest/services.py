@@ -6,6 +6,8 @@ from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 HOW_TO_START = {
     "postgres": "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start "
@@ -52,9 +54,15 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 4, **kwarg
     return pool
 
 
+def redis_client(url: str) -> Redis:
+    """A Redis client that fails fast: one quick retry, short timeouts (callers degrade or back off themselves;
+    redis-py's default of ten retries would hold every batch for seconds while Redis is down)."""
+    return Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 1))
+
+
 async def connect_redis(url: str) -> Redis:
     """A Redis client that has answered PING."""
-    client: Redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+    client = redis_client(url)
     try:
         await client.ping()
     except Exception as exc:

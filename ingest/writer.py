@@ -80,17 +80,20 @@ class Writer:
         self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
         expected: dict[int, int], advance: dict[int, int],
     ) -> WriteResult:
-        """Commit one batch or raise (``offsets.Fenced`` when another owner moved a partition)."""
+        """Commit one batch or raise (``offsets.Fenced`` when another owner moved a partition).
+
+        Quota verdicts are asked once per event: the careful replay after a data error reuses them."""
+        verdicts: dict[Key, bool] = {}
         try:
-            return await self._attempt(conn, candidates, dead_letters, expected, advance, careful=False)
+            return await self._attempt(conn, candidates, dead_letters, expected, advance, verdicts, careful=False)
         except asyncpg.PostgresError as exc:
             if not _is_data_error(exc):
                 raise
-        return await self._attempt(conn, candidates, dead_letters, expected, advance, careful=True)
+        return await self._attempt(conn, candidates, dead_letters, expected, advance, verdicts, careful=True)
 
     async def _attempt(
         self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
-        expected: dict[int, int], advance: dict[int, int], *, careful: bool,
+        expected: dict[int, int], advance: dict[int, int], verdicts: dict[Key, bool], *, careful: bool,
     ) -> WriteResult:
         result = WriteResult()
         async with conn.transaction():
@@ -100,10 +103,13 @@ class Writer:
             for c in candidates:
                 (fresh if c.key in new else result.duplicates).append(c)
             if fresh:
-                verdicts = await self.quota.admit([c.key[0] for c in fresh])
+                unjudged = [c for c in fresh if c.key not in verdicts]
+                if unjudged:
+                    answers = await self.quota.admit([c.key[0] for c in unjudged])
+                    verdicts.update(zip((c.key for c in unjudged), answers, strict=True))
                 admitted: list[Candidate] = []
-                for c, ok in zip(fresh, verdicts, strict=True):
-                    (admitted if ok else result.over_quota).append(c)
+                for c in fresh:
+                    (admitted if verdicts[c.key] else result.over_quota).append(c)
                 if result.over_quota:
                     await dedupe.unclaim(conn, self.tables.ledger, self.stream, [c.key for c in result.over_quota])
                 if careful:

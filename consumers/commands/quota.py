@@ -1,9 +1,149 @@
-"""`ingest quota` commands (to be filled in)."""
+"""`ingest quota` commands: set/unset/get overrides (Postgres), list usage and reset a tenant (Redis)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Any
+
+from consumers import quotas, streams
+from ingest.config import Config
+from ingest.quota import Limits, Override
+from ingest.services import connect_redis, create_pool
 
 
 def register(sub: Any) -> None:
     """Add the `quota` commands to ``sub``."""
+    quota = sub.add_parser("quota", help="per-tenant quotas (limits in Postgres, usage in Redis)")
+    q = quota.add_subparsers(dest="action", required=True)
+
+    set_ = q.add_parser("set", help="override a tenant's limits (0 = unlimited; unset fields keep their value)")
+    set_.add_argument("tenant")
+    set_.add_argument("--stream", choices=list(streams.STREAMS), help="only this stream (default: every stream)")
+    set_.add_argument("--per-second", type=float, help="sustained events per second")
+    set_.add_argument("--burst", type=int, help="events admitted at once after a quiet period")
+    set_.add_argument("--per-day", type=int, help="events per UTC day")
+    set_.set_defaults(handler=_set)
+
+    unset = q.add_parser("unset", help="remove a tenant's override: it gets the defaults again")
+    unset.add_argument("tenant")
+    unset.add_argument("--stream", choices=list(streams.STREAMS), help="the stream-specific override only")
+    unset.set_defaults(handler=_unset)
+
+    get = q.add_parser("get", help="a tenant's overrides, effective limits and usage per stream")
+    get.add_argument("tenant")
+    get.set_defaults(handler=_get)
+
+    q.add_parser("list", help="every tenant with usage or an override: usage against limits").set_defaults(
+        handler=_list)
+
+    reset = q.add_parser("reset", help="clear a tenant's usage in Redis (full burst, nothing used today)")
+    reset.add_argument("tenant")
+    reset.set_defaults(handler=_reset)
+
+
+def _fmt(value: float) -> str:
+    return "unlimited" if value <= 0 else f"{value:g}"
+
+
+def _limits(lim: Limits) -> str:
+    if lim.unlimited:
+        return "unlimited"
+    rate = "unlimited" if lim.per_second <= 0 else f"{lim.per_second:g}/s burst {lim.effective_burst}"
+    return f"rate {rate}, per day {_fmt(lim.per_day)}"
+
+
+def _override(o: Override) -> str:
+    fields = [f"{n}={v:g}" for n, v in (("per_second", o.per_second), ("burst", o.burst), ("per_day", o.per_day))
+              if v is not None]
+    return f"{o.stream or '(all streams)'}: {', '.join(fields) or '(nothing set)'}"
+
+
+async def _set(args: argparse.Namespace, config: Config) -> int:
+    if args.per_second is None and args.burst is None and args.per_day is None:
+        print("ingest: quota set: give at least one of --per-second, --burst, --per-day", file=sys.stderr)
+        return 2
+    pool = await create_pool(config.database_url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            row = await quotas.set_override(conn, args.tenant, stream=args.stream, per_second=args.per_second,
+                                            burst=args.burst, per_day=args.per_day)
+    except ValueError as exc:
+        print(f"ingest: quota set: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await pool.close()
+    print(f"{row.tenant} {_override(row)}; consumers apply it within "
+          f"{config.quota.refresh.total_seconds():g} s")
+    return 0
+
+
+async def _unset(args: argparse.Namespace, config: Config) -> int:
+    pool = await create_pool(config.database_url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            removed = await quotas.clear_override(conn, args.tenant, stream=args.stream)
+    except ValueError as exc:
+        print(f"ingest: quota unset: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await pool.close()
+    print(f"{args.tenant}: " + ("override removed; defaults apply" if removed else "no such override"))
+    return 0
+
+
+def _table(rows: list[quotas.UsageRow]) -> str:
+    head = ("stream", "tenant", "per_second", "burst", "per_day", "used_today", "denied_today", "burst_left")
+    lines = [head]
+    for r in rows:
+        lim, use = r.limits, r.usage
+        lines.append((r.stream, r.tenant, _fmt(lim.per_second), str(lim.effective_burst or "-"), _fmt(lim.per_day),
+                      str(use.used_today), str(use.denied_today),
+                      "-" if use.burst_left is None else str(use.burst_left)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
+async def _get(args: argparse.Namespace, config: Config) -> int:
+    return await _show(config, args.tenant)
+
+
+async def _list(args: argparse.Namespace, config: Config) -> int:
+    return await _show(config, None)
+
+
+async def _show(config: Config, tenant: str | None) -> int:
+    pool = await create_pool(config.database_url, max_size=1)
+    try:
+        redis = await connect_redis(config.redis_url)
+        try:
+            async with pool.acquire() as conn:
+                rows = await quotas.usage_rows(redis, conn, config, tenant)
+                found = await quotas.overrides(conn, tenant) if tenant is not None else []
+        finally:
+            await redis.aclose()
+    except ValueError as exc:
+        print(f"ingest: quota: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await pool.close()
+    if tenant is not None:
+        print(f"tenant {tenant}")
+        print("overrides: " + ("; ".join(_override(o) for o in found) or "none (defaults apply)"))
+        for r in rows:
+            print(f"  {r.stream}: {_limits(r.limits)}")
+    print(_table(rows) if rows else "no tenant has quota usage or an override")
+    return 0
+
+
+async def _reset(args: argparse.Namespace, config: Config) -> int:
+    redis = await connect_redis(config.redis_url)
+    try:
+        deleted = await quotas.reset(redis, config, args.tenant)
+    except ValueError as exc:
+        print(f"ingest: quota reset: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await redis.aclose()
+    print(f"{args.tenant}: usage cleared ({deleted} key{'s' if deleted != 1 else ''})")
+    return 0

@@ -88,7 +88,9 @@ async def test_postgres_refused_row_is_isolated_rest_copied(config: Config, pool
         # A constraint the validator knows nothing about: Postgres itself refuses one row.
         await conn.execute("ALTER TABLE webhook_events ADD CONSTRAINT no_refunds CHECK (event_type <> 'refunds/create')")
         expected = await offsets.load(conn, "consumer_offsets", STREAM.group_for(config), STREAM.topic_for(config), [0])
-        prepared, result = await write(config, conn, writer(config), records(config, batch), expected)
+        quota = CountingQuota()
+        prepared, result = await write(config, conn, writer(config, quota), records(config, batch), expected)
+        assert quota.calls == 1, "the careful replay must reuse the first attempt's quota verdicts"
         bad = [c for c in prepared.candidates if c.row[2] == "refunds/create"]
         assert bad, "sample should contain refunds/create events"
         assert len(result.refused) == len(bad)
