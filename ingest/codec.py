@@ -3,7 +3,10 @@
 Rules (each a dead-letter reason, see ``ingest.reject.Reason``): a null value is a tombstone; values larger than
 ``max_bytes`` are refused unread; the bytes must be UTF-8 JSON without lone surrogates; the top level must be an
 object; object keys must be unique; integers must fit in 64 bits (orjson would silently turn them into floats);
-nesting may not exceed ``max_depth``. ``\\u0000`` (which Postgres text/jsonb cannot hold) follows ``nul_policy``.
+nesting may not exceed ``max_depth``. ``\\u0000`` (which Postgres text/jsonb cannot hold) inside a top-level object
+or array (``payload``, ``headers``, ``metadata``) follows ``nul_policy``; top-level keys and strings are never
+altered, so the contract judges its own fields (they forbid control characters). A replacement that would merge
+two keys of one object is a ``duplicate_key`` rejection, never a silent overwrite.
 
 The common case costs one ``orjson.loads`` and one ``orjson.dumps``: when re-encoding the parsed object gives back
 the exact input bytes, the input can have had neither duplicate keys nor numbers that lost precision. Only inputs
@@ -73,12 +76,23 @@ def decode(raw: bytes | None, limits: DecodeLimits) -> Decoded:
         if depth > limits.max_depth:
             raise Rejected(Reason.TOO_DEEP, f"nesting depth {depth} exceeds {limits.max_depth}")
     sanitized = False
-    if b"\\u0000" in raw and _has_nul(obj):
-        if limits.nul_policy is NulPolicy.REJECT:
-            raise Rejected(Reason.NUL_CHARACTER, "a string or key contains \\u0000")
-        obj = _replace_nul(obj, "\ufffd" if limits.nul_policy is NulPolicy.REPLACE else "")
-        sanitized = True
+    if b"\\u0000" in raw:
+        obj, sanitized = _apply_nul_policy(obj, limits.nul_policy)
     return Decoded(obj, sanitized)
+
+
+def _apply_nul_policy(obj: dict[str, Any], policy: NulPolicy) -> tuple[dict[str, Any], bool]:
+    """Apply ``policy`` to the containers under the top level; return the object and whether it changed."""
+    changed = False
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, dict | list) and _has_nul(value):
+            if policy is NulPolicy.REJECT:
+                raise Rejected(Reason.NUL_CHARACTER, f"{key[:64]!r} contains \\u0000")
+            value = _replace_nul(value, "\ufffd" if policy is NulPolicy.REPLACE else "")
+            changed = True
+        out[key] = value
+    return out, changed
 
 
 def _classify_decode_error(message: str) -> Rejected:
@@ -154,7 +168,10 @@ def _replace_nul(value: Any, replacement: str) -> Any:
     if isinstance(value, str):
         return value.replace("\x00", replacement)
     if isinstance(value, dict):
-        return {k.replace("\x00", replacement): _replace_nul(v, replacement) for k, v in value.items()}
+        out = {k.replace("\x00", replacement): _replace_nul(v, replacement) for k, v in value.items()}
+        if len(out) != len(value):
+            raise Rejected(Reason.DUPLICATE_KEY, "replacing \\u0000 would merge two keys of one object")
+        return out
     if isinstance(value, list):
         return [_replace_nul(v, replacement) for v in value]
     return value

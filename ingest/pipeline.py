@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -129,6 +129,8 @@ class Pipeline:
         self.stream, self.contract, self.limits = stream, contract, limits
         self.writer, self.hints, self.metrics = writer, hints, metrics
         self.breaker = breaker
+        self.on_commit: Callable[[Outcome, list[float]], None] | None = None
+        """Called after each commit with the outcome and each stored event's Kafka-to-commit latency (bench)."""
 
     async def process(self, conn: Conn, records: Sequence[Record], expected: dict[int, int]) -> Outcome:
         """Validate, dedupe and commit ``records``; raises ``offsets.Fenced``, ``breaker.CircuitOpen`` (nothing
@@ -176,14 +178,15 @@ class Pipeline:
         m.batches.labels(s).inc()
         m.batch_rows.labels(s).observe(outcome.stored)
         m.batch_write.labels(s).observe(outcome.write_seconds)
-        now_ms = time.time() * 1000
+        now = time.time()
+        latencies = [max(0.0, now - c.row[-3].timestamp()) for c in result.stored]
         latency = m.latency.labels(s)
-        for c in result.stored:
-            latency.observe(max(0.0, (now_ms - c.row[-3].timestamp() * 1000) / 1000))
+        for value in latencies:
+            latency.observe(value)
+        if self.on_commit is not None:
+            self.on_commit(outcome, latencies)
         # Per tenant (bounded label, see Metrics.observe_tenants). Every record counted above is attributed, so
         # the per-tenant sums equal ingest_events_total; in-batch duplicates carry no tenant here (None).
-        from collections import Counter  # local: this method is the only place that needs it
-
         stored: Counter[str | None] = Counter(c.key[0] for c in result.stored)
         quota: Counter[str | None] = Counter(c.key[0] for c in result.over_quota)
         refused: Counter[str | None] = Counter(row[4] for row in result.refused)

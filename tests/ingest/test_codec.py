@@ -112,27 +112,43 @@ def test_brackets_inside_strings_do_not_count_as_depth() -> None:
 
 def test_nul_reject() -> None:
     limits = DecodeLimits(nul_policy=NulPolicy.REJECT)
-    assert reason_of(b'{"a":"x\\u0000y"}', limits) is Reason.NUL_CHARACTER
-    assert reason_of(b'{"k\\u0000":1}', limits) is Reason.NUL_CHARACTER
+    assert reason_of(b'{"p":{"a":"x\\u0000y"}}', limits) is Reason.NUL_CHARACTER
+    assert reason_of(b'{"p":{"k\\u0000":1}}', limits) is Reason.NUL_CHARACTER
     assert reason_of(b'{"a": ["x", {"b": "\\u0000"}]}', limits) is Reason.NUL_CHARACTER
+
+
+@pytest.mark.parametrize("policy", list(NulPolicy))
+def test_top_level_keys_and_strings_are_left_to_the_schema(policy: NulPolicy) -> None:
+    """Contract fields are top-level strings: the schema (no control characters) must see the NUL and refuse."""
+    d = decode(b'{"event_type":"a\\u0000b","tenant_id\\u0000":"x"}', DecodeLimits(nul_policy=policy))
+    assert d.obj == {"event_type": "a\x00b", "tenant_id\x00": "x"}
+    assert d.sanitized is False
 
 
 def test_nul_replace() -> None:
     limits = DecodeLimits(nul_policy=NulPolicy.REPLACE)
-    d = decode(b'{"a":"x\\u0000y","k\\u0000":["\\u0000"]}', limits)
-    assert d.obj == {"a": "x\ufffdy", "k\ufffd": ["\ufffd"]}
+    d = decode(b'{"a":"x\\u0000y","p":{"k\\u0000":["\\u0000"]}}', limits)
+    assert d.obj == {"a": "x\x00y", "p": {"k\ufffd": ["\ufffd"]}}
     assert d.sanitized is True
 
 
 def test_nul_strip() -> None:
     limits = DecodeLimits(nul_policy=NulPolicy.STRIP)
-    d = decode(b'{"a": "x\\u0000y", "k\\u0000": {"n": "\\u0000\\u0000"}}', limits)
-    assert d.obj == {"a": "xy", "k": {"n": ""}}
+    d = decode(b'{"p": {"a": "x\\u0000y", "k\\u0000": {"n": "\\u0000\\u0000"}}}', limits)
+    assert d.obj == {"p": {"a": "xy", "k": {"n": ""}}}
     assert d.sanitized is True
 
 
+@pytest.mark.parametrize(("policy", "raw"), [
+    (NulPolicy.REPLACE, b'{"p":{"a\\u0000":1,"a\\ufffd":2}}'),
+    (NulPolicy.STRIP, b'{"p":{"a\\u0000":1,"a":2}}'),
+])
+def test_sanitising_never_merges_keys(policy: NulPolicy, raw: bytes) -> None:
+    assert reason_of(raw, DecodeLimits(nul_policy=policy)) is Reason.DUPLICATE_KEY
+
+
 def test_default_policy_is_replace() -> None:
-    assert decode(b'{"a":"\\u0000"}', LIMITS).obj == {"a": "\ufffd"}
+    assert decode(b'{"p":{"a":"\\u0000"}}', LIMITS).obj == {"p": {"a": "\ufffd"}}
 
 
 @pytest.mark.parametrize("policy", list(NulPolicy))

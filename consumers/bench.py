@@ -1,0 +1,259 @@
+"""``ingest bench``: the real consumer path on a fresh database and fresh topics, with figures.
+
+Backlog mode publishes N events first (from a child process, so the consumer's RSS is its own), then drains them
+with the same code as ``ingest consume``. Rate mode publishes at a steady rate while the consumer runs. Both
+report steady-state events/s (first to last commit), wall time, Kafka-timestamp-to-commit latency percentiles,
+peak RSS, consumer CPU seconds per million events, and the raw binary COPY ceiling for the same rows in the same
+run. Everything created (database, topics, Redis keys) is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import multiprocessing
+import random
+import resource
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+from tqdm import tqdm
+
+from consumers import run, sample, streams
+from consumers.report import HOSTILE
+from ingest.broker import delete_topics
+from ingest.config import Config
+from ingest.consumer import Totals
+from ingest.pipeline import Outcome, prepare
+from ingest.services import create_pool, redis_client
+
+
+@dataclass
+class BenchOptions:
+    events: int = 1_000_000
+    tenants: int = 1000
+    dup_rate: float = 0.05
+    invalid_rate: float = 0.001
+    stream: str = "webhook"
+    partitions: int = 12
+    rate: float = 0.0  # events/s; 0 = backlog mode
+    duration: float = 60.0
+    seed: int = 1
+
+
+@dataclass
+class Recorder:
+    """Collects per-batch figures from ``Pipeline.on_commit``."""
+
+    first_commit: float | None = None
+    last_commit: float = 0.0
+    events_after_first: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def __call__(self, outcome: Outcome, latencies: list[float]) -> None:
+        now = time.perf_counter()
+        n = outcome.stored + outcome.duplicates + outcome.rejected + outcome.quota_exceeded
+        if self.first_commit is None:
+            self.first_commit = now
+        else:
+            self.events_after_first += n
+        self.last_commit = now
+        self.latencies.extend(latencies)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _values(opts: BenchOptions) -> Any:
+    """(key, value) pairs: realistic events, ``dup_rate`` re-deliveries, ``invalid_rate`` hostile records."""
+    rng = random.Random(opts.seed + 1)
+    bad = [h for h in HOSTILE if h is not None]
+    for event in sample.generate(opts.stream, opts.events, n_tenants=opts.tenants, dup_rate=opts.dup_rate,
+                                 seed=opts.seed):
+        key = event["tenant_id"].encode()
+        if rng.random() < opts.invalid_rate:
+            yield key, rng.choice(bad)
+        else:
+            yield key, orjson.dumps(event)
+
+
+async def _produce(bootstrap: str, topic: str, opts: BenchOptions, progress: bool) -> int:
+    """Fast producer: records go straight into per-partition batches (murmur2 of the key, like Kafka's)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    sent = 0
+    try:
+        partitions = sorted(await producer.partitions_for(topic))
+        batches: dict[int, Any] = {}
+        pending: list[Any] = []
+        interval = 1 / opts.rate if opts.rate else 0.0
+        started = time.perf_counter()
+        bar = tqdm(total=opts.events, desc="produce", unit="ev", disable=not progress, mininterval=1)
+        for key, value in _values(opts):
+            p = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+            batch = batches.get(p) or batches.setdefault(p, producer.create_batch())
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                pending.append(await producer.send_batch(batch, topic, partition=p))
+                batch = batches[p] = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+            sent += 1
+            bar.update()
+            if interval and sent % max(1, int(opts.rate / 100)) == 0:
+                # Rate mode: flush what we have and keep to the schedule (timestamps are set on append).
+                for q, b in list(batches.items()):
+                    pending.append(await producer.send_batch(b, topic, partition=q))
+                    del batches[q]
+                delay = started + sent * interval - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if time.perf_counter() - started >= opts.duration:
+                    break
+        for q, b in batches.items():
+            pending.append(await producer.send_batch(b, topic, partition=q))
+        for fut in pending:
+            await fut
+        bar.close()
+    finally:
+        await producer.stop()
+    return sent
+
+
+def _produce_in_child(bootstrap: str, topic: str, opts: BenchOptions, progress: bool,
+                      out: Any) -> None:
+    out.put(asyncio.run(_produce(bootstrap, topic, opts, progress)))
+
+
+async def _ceiling(config: Config, stream: streams.Stream, opts: BenchOptions, limit: int) -> float:
+    """Rows/s of plain binary COPY of the same kind of rows into the same table (no validation, no dedupe)."""
+    contract = stream.contract(config)
+    now = datetime.now(UTC)
+
+    @dataclass
+    class Rec:
+        topic: str
+        partition: int
+        offset: int
+        key: bytes | None
+        value: bytes | None
+        timestamp: int
+
+    ts = int(time.time() * 1000)
+    recs = [Rec("t", 0, i, k, v, ts) for i, (k, v) in enumerate(_values(dataclasses.replace(opts, events=limit)))]
+    rows = [c.row for c in prepare(stream.name, recs, contract, config.decode, now).candidates]
+    pool = await create_pool(config.database_url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            columns = stream.tables().columns
+            started = time.perf_counter()
+            for i in range(0, len(rows), config.batch.max_rows):
+                async with conn.transaction():
+                    await conn.copy_records_to_table(stream.table, records=rows[i:i + config.batch.max_rows],
+                                                     columns=columns)
+            return len(rows) / (time.perf_counter() - started)
+    finally:
+        await pool.close()
+
+
+async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> dict[str, Any]:
+    """Run one benchmark and return its figures (see module docstring); cleans up after itself."""
+    uid = uuid.uuid4().hex[:8]
+    db = f"ingest_bench_{uid}"
+    config = dataclasses.replace(
+        base, database_url=base.database_url.rsplit("/", 1)[0] + f"/{db}", topic_prefix=f"bench_{uid}.",
+        group_prefix=f"bench_{uid}", redis_prefix=f"bench_{uid}", topic_partitions=opts.partitions,
+        metrics_port=0, session_timeout_ms=min(base.session_timeout_ms, 6000),
+        rebalance_timeout_ms=min(base.rebalance_timeout_ms, 1000), heartbeat_interval_ms=500)
+    stream = streams.STREAMS[opts.stream]
+    topic = stream.topic_for(config)
+    try:
+        await run.run_migrations(config)
+        await run.ensure_all_topics(config)
+        ctx = multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        child = ctx.Process(target=_produce_in_child, args=(config.kafka_bootstrap, topic, opts, progress, out))
+        produce_started = time.perf_counter()
+        child.start()
+        if not opts.rate:
+            await asyncio.to_thread(child.join)
+        produce_seconds = time.perf_counter() - produce_started
+
+        recorder = Recorder()
+        stop = asyncio.Event()
+        rt = await run.open_runtime(config)
+        consumer = run.build_consumer(config, stream, rt)
+        consumer.pipeline.on_commit = recorder
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        try:
+            if opts.rate:
+                task = asyncio.create_task(consumer.run(stop))
+                await asyncio.to_thread(child.join)
+                await asyncio.sleep(1.0)  # let the tail commit
+                stop.set()
+                totals: Totals = await task
+            else:
+                totals = await consumer.run(stop, drain=True)
+        finally:
+            await rt.aclose()
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        published = out.get(timeout=10)
+        consumed = totals.stored + totals.duplicates + totals.rejected + totals.quota_exceeded
+        steady_span = recorder.last_commit - (recorder.first_commit or recorder.last_commit)
+        steady = recorder.events_after_first / steady_span if steady_span > 0 else float("nan")
+        ceiling = await _ceiling(config, stream, opts, min(opts.events, 200_000))
+        figures: dict[str, Any] = {
+            "mode": "rate" if opts.rate else "backlog",
+            "stream": opts.stream, "events_published": published, "events_consumed": consumed,
+            "stored": totals.stored, "duplicates": totals.duplicates, "rejected": totals.rejected,
+            "quota_exceeded": totals.quota_exceeded, "batches": totals.batches,
+            "partitions": opts.partitions, "tenants": opts.tenants,
+            "produce_seconds": round(produce_seconds, 2),
+            "wall_seconds": round(wall, 2),
+            "steady_events_per_s": round(steady),
+            "latency_p50_ms": round(_percentile(recorder.latencies, 0.50) * 1000, 1),
+            "latency_p95_ms": round(_percentile(recorder.latencies, 0.95) * 1000, 1),
+            "latency_p99_ms": round(_percentile(recorder.latencies, 0.99) * 1000, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "cpu_seconds_per_million": round(cpu * 1e6 / max(consumed, 1), 2),
+            "copy_ceiling_rows_per_s": round(ceiling),
+            "ratio_to_ceiling": round(steady / ceiling, 3) if ceiling else None,
+        }
+        if opts.rate:
+            figures["target_rate"] = opts.rate
+        return figures
+    finally:
+        await _cleanup(config, base, db)
+
+
+async def _cleanup(config: Config, base: Config, db: str) -> None:
+    await delete_topics(config.kafka_bootstrap, [s.topic_for(config) for s in streams.STREAMS.values()])
+    admin = await asyncpg.connect(base.database_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    redis = redis_client(config.redis_url)
+    try:
+        keys = [k async for k in redis.scan_iter(match=f"{config.redis_prefix}:*", count=5000)]
+        for i in range(0, len(keys), 5000):
+            await redis.delete(*keys[i:i + 5000])
+    except Exception:
+        pass
+    finally:
+        await redis.aclose()
+
+
+def table(figures: dict[str, Any]) -> str:
+    """The figures as an aligned two-column table."""
+    width = max(len(k) for k in figures)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in figures.items())

@@ -1,0 +1,40 @@
+"""``ingest bench``: throughput, latency and memory of the real consumer path."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from consumers.bench import BenchOptions, bench, table
+from ingest.config import Config
+
+
+def register(sub: Any) -> None:
+    """Add ``bench`` to ``sub``."""
+    p = sub.add_parser("bench", help="benchmark the consumer path on a fresh database and fresh topics")
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--tenants", type=int, default=1000)
+    p.add_argument("--dup-rate", type=float, default=0.05)
+    p.add_argument("--invalid-rate", type=float, default=0.001)
+    p.add_argument("--stream", choices=["webhook", "audit"], default="webhook")
+    p.add_argument("--partitions", type=int, default=12)
+    p.add_argument("--rate", type=float, default=0.0, help="events/s for a steady-rate latency run (0 = backlog)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of the steady-rate run")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    p.set_defaults(handler=_bench)
+
+
+async def _bench(args: argparse.Namespace, config: Config) -> int:
+    opts = BenchOptions(events=args.events, tenants=args.tenants, dup_rate=args.dup_rate,
+                        invalid_rate=args.invalid_rate, stream=args.stream, partitions=args.partitions,
+                        rate=args.rate, duration=args.duration)
+    if opts.rate:
+        opts.events = int(opts.rate * opts.duration)
+    figures = await bench(config, opts)
+    print(table(figures))
+    if args.json:
+        args.json.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+    return 0
