@@ -210,6 +210,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         consumed = totals.stored + totals.duplicates + totals.rejected + totals.quota_exceeded
         steady_span = recorder.last_commit - (recorder.first_commit or recorder.last_commit)
         steady = recorder.events_after_first / steady_span if steady_span > 0 else float("nan")
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the ceiling's row list
         ceiling = await _ceiling(config, stream, opts, min(opts.events, 200_000))
         figures: dict[str, Any] = {
             "mode": "rate" if opts.rate else "backlog",
@@ -223,7 +224,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
             "latency_p50_ms": round(_percentile(recorder.latencies, 0.50) * 1000, 1),
             "latency_p95_ms": round(_percentile(recorder.latencies, 0.95) * 1000, 1),
             "latency_p99_ms": round(_percentile(recorder.latencies, 0.99) * 1000, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": round(peak_rss, 1),
             "cpu_seconds_per_million": round(cpu * 1e6 / max(consumed, 1), 2),
             "copy_ceiling_rows_per_s": round(ceiling),
             "ratio_to_ceiling": round(steady / ceiling, 3) if ceiling else None,
