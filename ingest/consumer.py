@@ -91,6 +91,7 @@ class StreamConsumer:
         self._backoff = Backoff()
         self._kafka_commit: asyncio.Task[None] | None = None
         self._last_kafka_commit = 0.0
+        self._last_lag_refresh = -1.0
         self._joined = False
         self.consumer: AIOKafkaConsumer | None = None
 
@@ -208,8 +209,10 @@ class StreamConsumer:
                         self.metrics.circuit_open.labels(self.stream).set(1)
                         self.totals.stopped_by = str(exc)
                         break
-                elif drain and self._caught_up(consumer):
-                    break
+                else:
+                    self._refresh_lag(consumer)
+                    if drain and self._caught_up(consumer):
+                        break
         finally:
             if self._kafka_commit is not None:
                 with contextlib.suppress(Exception):
@@ -316,11 +319,19 @@ class StreamConsumer:
             self.metrics.paused.labels(self.stream, reason).set(1)
         self._apply_pause(consumer, everything=reason is not None)
 
-    def _after_commit(self, consumer: AIOKafkaConsumer) -> None:
+    def _refresh_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Lag gauges from the last fetch's high watermarks (at most once a second)."""
+        now = self.clock()
+        if now - self._last_lag_refresh < 1.0:
+            return
+        self._last_lag_refresh = now
         for p, at in self._positions.items():
             high = consumer.highwater(self._tp(p))
             if high is not None:
                 self.metrics.lag.labels(self.stream, str(p)).set(max(0, high - max(at, 0)))
+
+    def _after_commit(self, consumer: AIOKafkaConsumer) -> None:
+        self._refresh_lag(consumer)
         now = self.clock()
         if (self._kafka_commit is None or self._kafka_commit.done()) and now - self._last_kafka_commit >= 1.0:
             self._last_kafka_commit = now
