@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 from redis.asyncio import Redis
 
-from consumers import quotas, streams
+from consumers import quotas, status, streams
 from consumers.streams import Stream
 from ingest import migrate, partitions
 from ingest.breaker import Breaker
@@ -19,6 +20,7 @@ from ingest.broker import ensure_topics
 from ingest.config import Config
 from ingest.consumer import StreamConsumer, Totals
 from ingest.dedupe import RedisHints
+from ingest.maintenance import LOCK_KEY, Maintenance
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
 from ingest.services import ServiceUnavailable, connect_redis, create_pool, redact, redis_client
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
     from ingest.sql import Conn
 
 log = logging.getLogger(__name__)
-_MAINTENANCE_LOCK = 0x1E57_0002
 
 
 async def run_migrations(config: Config) -> list[int]:
@@ -49,19 +50,28 @@ async def run_migrations(config: Config) -> list[int]:
 
 async def ensure_partitions(conn: Conn, config: Config) -> list[str]:
     """Partitions for every stream over [now - retention, now + premake]; one process at a time."""
-    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MAINTENANCE_LOCK):
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
         return []
     try:
         today = datetime.now(UTC).date()
-        cfg = config.partitions
         created = []
-        for s in streams.STREAMS.values():
+        for p in status.policies(config, list(streams.STREAMS.values())):
             created += await partitions.ensure(
-                conn, s.table, first=today - max(cfg.retention, config.window.max_age), last=today + cfg.premake,
-                granularity=cfg.granularity, lock_timeout_ms=cfg.lock_timeout_ms)
+                conn, p.table, first=today - p.retention, last=today + p.premake, granularity=p.granularity,
+                lock_timeout_ms=config.partitions.lock_timeout_ms)
         return created
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _MAINTENANCE_LOCK)
+        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+
+
+def maintenance(config: Config, rt: Runtime) -> Maintenance:
+    """Partition maintenance for every stream's table (creation ahead, retention, DEFAULT check)."""
+    cfg = config.partitions
+    return Maintenance(
+        rt.pool, status.policies(config, list(streams.STREAMS.values())),
+        lock_timeout_ms=cfg.lock_timeout_ms, interval=cfg.maintenance_interval.total_seconds(),
+        archive=cfg.retention_action == "archive", export_dir=cfg.export_dir or None,
+        registry=rt.metrics.registry, default_rows_gauge=rt.metrics.default_partition_rows)
 
 
 async def ensure_all_topics(config: Config) -> list[str]:
@@ -131,7 +141,18 @@ async def consume(config: Config, selected: list[Stream], stop: asyncio.Event, *
             await ensure_partitions(conn, config)
         consumers = [build_consumer(config, s, rt) for s in selected]
         watched.extend(consumers)
-        results = await asyncio.gather(*(c.run(stop, drain=drain) for c in consumers))
+        maint_stop = asyncio.Event()
+        maint_task = None
+        if config.partitions.maintenance_interval.total_seconds() > 0 and not drain:
+            maint_task = asyncio.create_task(maintenance(config, rt).run_forever(maint_stop))
+        try:
+            results = await asyncio.gather(*(c.run(stop, drain=drain) for c in consumers))
+        finally:
+            maint_stop.set()
+            if maint_task is not None:
+                # Each maintenance step is its own transaction: a cancel after 5 s rolls back cleanly.
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(maint_task, 5)
         return {s.name: r for s, r in zip(selected, results, strict=True)}
     finally:
         try:

@@ -5,6 +5,7 @@ Each setting is declared once in ``SETTINGS`` (name, default, meaning); the READ
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from ingest.codec import DecodeLimits, NulPolicy
 from ingest.config import BatchLimits, Config, DedupeConfig, PartitionConfig, QuotaConfig
 from ingest.contract import TimeWindow
 from ingest.partitions import GRANULARITIES
+
+STREAM_NAMES = ("webhook", "audit")
 
 
 class SettingsError(ValueError):
@@ -54,6 +57,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_PARTITION_GRANULARITY", "day", "Event-table partition size: day, week or month."),
     Setting("INGEST_PARTITION_PREMAKE_DAYS", "7", "Partitions are created this far ahead."),
     Setting("INGEST_RETENTION_DAYS", "90", "Event retention; partitions cover at least this far back."),
+    Setting("INGEST_WEBHOOK_PARTITION_GRANULARITY", "", "Per-stream granularity for webhook_events (default: the global one)."),
+    Setting("INGEST_AUDIT_PARTITION_GRANULARITY", "", "Per-stream granularity for audit_events (default: the global one)."),
+    Setting("INGEST_WEBHOOK_RETENTION_DAYS", "", "Per-stream retention for webhook_events (default: the global one)."),
+    Setting("INGEST_AUDIT_RETENTION_DAYS", "", "Per-stream retention for audit_events (default: the global one)."),
+    Setting("INGEST_MAINTENANCE_INTERVAL_SECONDS", "600", "Partition maintenance in consumers (create ahead, prune, DEFAULT check); 0 disables it."),
+    Setting("INGEST_RETENTION_ACTION", "drop", "Partitions past retention are `drop`ped or `archive`d (moved to schema `archive`)."),
+    Setting("INGEST_RETENTION_EXPORT_DIR", "", "If set, each partition is written to `DIR/<table>_pYYYYMMDD.csv.gz` before removal."),
     Setting("INGEST_DDL_LOCK_TIMEOUT_MS", "2000", "lock_timeout for partition DDL (never queue behind ingestion)."),
     Setting("INGEST_QUOTA_DEFAULT_PER_SECOND", "0", "Sustained events/s per tenant and stream (0 = unlimited); overrides: `ingest quota set`."),
     Setting("INGEST_QUOTA_DEFAULT_BURST", "0", "Events a tenant may send at once (0 = one second's worth of the rate)."),
@@ -128,6 +138,29 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
 
     retention = timedelta(days=get("INGEST_RETENTION_DAYS", positive))
     max_age = raw["INGEST_ACCEPT_MAX_AGE_SECONDS"]
+    partitions = PartitionConfig(
+        granularity=get("INGEST_PARTITION_GRANULARITY", choice(GRANULARITIES)),
+        premake=timedelta(days=get("INGEST_PARTITION_PREMAKE_DAYS", positive)),
+        retention=retention,
+        lock_timeout_ms=get("INGEST_DDL_LOCK_TIMEOUT_MS", positive),
+        maintenance_interval=timedelta(seconds=get("INGEST_MAINTENANCE_INTERVAL_SECONDS", non_negative)),
+        retention_action=get("INGEST_RETENTION_ACTION", choice(("drop", "archive"))),
+        export_dir=get("INGEST_RETENTION_EXPORT_DIR"),
+    )
+
+    def stream_policy(name: str) -> PartitionConfig | None:
+        granularity = raw[f"INGEST_{name.upper()}_PARTITION_GRANULARITY"]
+        days = raw[f"INGEST_{name.upper()}_RETENTION_DAYS"]
+        if not granularity and not days:
+            return None
+        return dataclasses.replace(
+            partitions,
+            granularity=get(f"INGEST_{name.upper()}_PARTITION_GRANULARITY", choice(GRANULARITIES))
+            if granularity else partitions.granularity,
+            retention=timedelta(days=get(f"INGEST_{name.upper()}_RETENTION_DAYS", positive))
+            if days else partitions.retention,
+        )
+
     return Config(
         kafka_bootstrap=get("INGEST_KAFKA_BOOTSTRAP"),
         database_url=get("INGEST_DATABASE_URL"),
@@ -160,12 +193,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
             max_age=timedelta(seconds=get("INGEST_ACCEPT_MAX_AGE_SECONDS", positive)) if max_age else retention,
             max_ahead=timedelta(seconds=get("INGEST_ACCEPT_MAX_AHEAD_SECONDS", positive)),
         ),
-        partitions=PartitionConfig(
-            granularity=get("INGEST_PARTITION_GRANULARITY", choice(GRANULARITIES)),
-            premake=timedelta(days=get("INGEST_PARTITION_PREMAKE_DAYS", positive)),
-            retention=retention,
-            lock_timeout_ms=get("INGEST_DDL_LOCK_TIMEOUT_MS", positive),
-        ),
+        partitions=partitions,
+        stream_partitions=tuple((name, cfg) for name in STREAM_NAMES if (cfg := stream_policy(name))),
         metrics_host=get("INGEST_METRICS_HOST"),
         metrics_port=get("INGEST_METRICS_PORT", int),
         tenant_label_limit=get("INGEST_TENANT_LABEL_LIMIT", positive),

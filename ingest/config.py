@@ -36,6 +36,9 @@ class PartitionConfig:
     premake: timedelta = timedelta(days=7)
     retention: timedelta = timedelta(days=90)
     lock_timeout_ms: int = 2000
+    maintenance_interval: timedelta = timedelta(minutes=10)
+    retention_action: str = "drop"  # or "archive": detach and move to schema archive
+    export_dir: str = ""  # when set, partitions are exported to DIR/<name>.csv.gz before removal
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,7 @@ class Config:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     window: TimeWindow = field(default_factory=TimeWindow)
     partitions: PartitionConfig = field(default_factory=PartitionConfig)
+    stream_partitions: tuple[tuple[str, PartitionConfig], ...] = ()
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
     tenant_label_limit: int = 50
@@ -79,3 +83,8 @@ class Config:
     shutdown_timeout_s: float = 25.0
     log_level: str = "INFO"
     quota: QuotaConfig = field(default_factory=QuotaConfig)
+
+
+def partitions_for(config: Config, stream: str) -> PartitionConfig:
+    """The partition policy of ``stream``: its own when configured, else the global one."""
+    return dict(config.stream_partitions).get(stream, config.partitions)
