@@ -26,7 +26,7 @@ from ingest import offsets
 from ingest.breaker import CircuitOpen
 from ingest.config import Config
 from ingest.metrics import Metrics
-from ingest.pipeline import Outcome, Pipeline
+from ingest.pipeline import Outcome, Pipeline, Staged
 from ingest.retry import Backoff, component_of
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class StreamConsumer:
         self._positions: dict[int, int] = {}  # partition -> next offset stored in Postgres (our CAS value)
         self._cursor: dict[int, int] = {}  # partition -> next offset we accept from Kafka
         self._unpositioned: set[int] = set()
+        self._epoch: dict[int, int] = {}  # partition -> bumped at each (re)positioning; staged records carry it
         self._lock = asyncio.Lock()
         self._backoff = Backoff()
         self._kafka_commit: asyncio.Task[None] | None = None
@@ -125,6 +126,7 @@ class StreamConsumer:
         log.info("partitions revoked", extra={"stream": self.stream, "partitions": sorted(parts)})
 
     def _forget(self, p: int) -> None:
+        self._epoch[p] = self._epoch.get(p, 0) + 1
         self._positions.pop(p, None)
         self._cursor.pop(p, None)
         self._unpositioned.discard(p)
@@ -137,8 +139,15 @@ class StreamConsumer:
         self._unpositioned &= set(parts)
         if not parts:
             return
-        async with self.pool.acquire() as conn:
-            stored = await offsets.load(conn, self.offsets_table, self.group, self.topic, parts)
+        async with self._lock:  # serialised with writes: never read a position a write is about to move
+            async with self.pool.acquire() as conn:
+                stored = await offsets.load(conn, self.offsets_table, self.group, self.topic, parts)
+            await self._seek(consumer, parts, stored)
+        self._apply_pause(consumer)
+        log.info("partitions positioned from postgres", extra={"stream": self.stream, "offsets": stored})
+
+    async def _seek(self, consumer: AIOKafkaConsumer, parts: list[int], stored: dict[int, int]) -> None:
+        """Seek to the stored offsets; a new epoch makes records staged before this unwritable."""
         begin = []
         for p in parts:
             if p not in self._unpositioned:
@@ -150,11 +159,10 @@ class StreamConsumer:
                 consumer.seek(self._tp(p), at)
             self._positions[p] = at
             self._cursor[p] = at
+            self._epoch[p] = self._epoch.get(p, 0) + 1
             self._unpositioned.discard(p)
         if begin:
             await consumer.seek_to_beginning(*begin)
-        self._apply_pause(consumer)
-        log.info("partitions positioned from postgres", extra={"stream": self.stream, "offsets": stored})
 
     def _apply_pause(self, consumer: AIOKafkaConsumer, everything: bool = False) -> None:
         assigned = consumer_partitions(consumer, self.topic)
@@ -194,26 +202,43 @@ class StreamConsumer:
         self.consumer = consumer
         consumer.subscribe([self.topic], listener=_Listener(self))
         await consumer.start()
+        pending: tuple[asyncio.Task[None], Staged, dict[int, int]] | None = None  # the write in flight
         try:
             while not stop.is_set():
                 self.state.last_turn = self.clock()
-                if self._unpositioned:
-                    await self._retrying(consumer, stop, lambda: self._position(consumer))
-                records = await self._collect(consumer, stop)
+                if self._unpositioned and not await self._retrying(consumer, stop, lambda: self._position(consumer)):
+                    break
+                records, epochs = await self._collect(consumer, stop)
+                staged = None
                 if records:
                     try:
-                        await self._commit(consumer, stop, records)
+                        staged = await self.pipeline.stage(records)  # overlaps the write in flight
                     except CircuitOpen as exc:
-                        log.error("circuit breaker open: stopped consuming", extra={
-                            "stream": self.stream, "detail": str(exc)})
-                        self.metrics.circuit_open.labels(self.stream).set(1)
-                        self.totals.stopped_by = str(exc)
+                        if pending is not None:
+                            await self._settle(consumer, stop, *pending)
+                            pending = None
+                        self._trip(exc)
                         break
+                if pending is not None:
+                    await self._settle(consumer, stop, *pending)
+                    pending = None
+                if staged is not None:
+                    pending = (asyncio.create_task(self._write(consumer, staged, epochs)), staged, epochs)
                 else:
                     self._refresh_lag(consumer)
                     if drain and self._caught_up(consumer):
                         break
+            if pending is not None:
+                await self._settle(consumer, stop, *pending)
+                pending = None
+        except BaseException:
+            if pending is not None:
+                pending[0].cancel()
+                with contextlib.suppress(BaseException):
+                    await pending[0]
+            raise
         finally:
+            await self.pipeline.aclose()
             if self._kafka_commit is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._kafka_commit, 5)
@@ -221,8 +246,10 @@ class StreamConsumer:
             self.metrics.assigned.labels(self.stream).set(0)
         return self.totals
 
-    async def _collect(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> list[Any]:
+    async def _collect(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> tuple[list[Any], dict[int, int]]:
+        """Records for one batch, and the position epoch of each partition they came from."""
         limits = self.config.batch
+        epochs: dict[int, int] = {}
         max_age = limits.max_age.total_seconds()
         records: list[Any] = []
         size = 0
@@ -235,6 +262,7 @@ class StreamConsumer:
                 cursor = self._cursor.get(tp.partition)
                 if cursor is None or tp.partition in self._unpositioned:
                     continue  # not ours (yet): it will be re-read after positioning
+                epochs.setdefault(tp.partition, self._epoch.get(tp.partition, 0))
                 for m in msgs:
                     if m.offset >= cursor:
                         records.append(m)
@@ -244,44 +272,71 @@ class StreamConsumer:
             if records and started is None:
                 started = self.clock()
             if not records:
-                return records
+                break
             if len(records) >= limits.max_rows or size >= limits.max_bytes or self.clock() - (started or 0) >= max_age:
                 break
-        return records
+        # A partition re-positioned while we collected: its records here are stale (it will be re-read).
+        stale = {p for p, e in epochs.items() if self._epoch.get(p, 0) != e}
+        if stale:
+            records = [r for r in records if r.partition not in stale]
+        return records, {p: e for p, e in epochs.items() if p not in stale}
 
-    async def _commit(self, consumer: AIOKafkaConsumer, stop: asyncio.Event, records: list[Any]) -> None:
-        async def attempt() -> None:
-            live = [r for r in records if r.partition in self._positions]
+    def _trip(self, exc: CircuitOpen) -> None:
+        log.error("circuit breaker open: stopped consuming", extra={"stream": self.stream, "detail": str(exc)})
+        self.metrics.circuit_open.labels(self.stream).set(1)
+        self.totals.stopped_by = str(exc)
+
+    async def _write(self, consumer: AIOKafkaConsumer, staged: Staged, epochs: dict[int, int]) -> None:
+        """One attempt to commit ``staged``. Only records of partitions still positioned as when they were
+        fetched (same epoch) and at or past the stored position are written: a rebalance or a fence may have
+        moved them since, and those records are re-read from the new position instead."""
+        async with self._lock:
+            live = [r for r in staged.records
+                    if self._epoch.get(r.partition, 0) == epochs.get(r.partition)
+                    and r.partition in self._positions and r.offset >= self._positions[r.partition]]
             if not live:
                 return
-            expected = {p: self._positions[p] for p in {r.partition for r in live}}
-            async with self._lock, self.pool.acquire() as conn:
-                outcome = await self.pipeline.process(conn, live, expected)
-            for r in live:
-                self._positions[r.partition] = max(self._positions[r.partition], r.offset + 1)
-            self.totals.add(outcome)
-            self._after_commit(consumer)
+            if len(live) != len(staged.records):
+                staged = self.pipeline.restage(live)
+            expected = {p: self._positions[p] for p in staged.prepared.advance}
+            async with self.pool.acquire() as conn:
+                outcome = await self.pipeline.commit(conn, staged, expected)
+            for p, nxt in staged.prepared.advance.items():
+                self._positions[p] = max(self._positions[p], nxt)
+        self.totals.add(outcome)
+        self._after_commit(consumer)
 
+    async def _settle(self, consumer: AIOKafkaConsumer, stop: asyncio.Event, task: asyncio.Task[None],
+                      staged: Staged, epochs: dict[int, int]) -> None:
+        """Wait for a write in flight; on failure retry it (nothing else overlaps while retrying)."""
         try:
-            await self._retrying(consumer, stop, attempt)
+            try:
+                await task
+            except offsets.Fenced:
+                raise
+            except Exception as exc:
+                await self._retrying(consumer, stop, lambda: self._write(consumer, staged, epochs), failed=exc)
         except offsets.Fenced as fenced:
             self.metrics.fenced.labels(self.stream).inc()
             log.warning("batch fenced: another owner moved the offsets; re-seeking",
                         extra={"stream": self.stream, "partitions": list(fenced.partitions)})
-            for p in {r.partition for r in records}:
+            for p in {r.partition for r in staged.records}:
                 if p in self._positions:
-                    self._positions.pop(p)
-                    self._cursor.pop(p, None)
+                    self._forget(p)
                     self._unpositioned.add(p)
             self._apply_pause(consumer)
 
     async def _retrying(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
-                        action: Callable[[], Any]) -> bool:
+                        action: Callable[[], Any], failed: BaseException | None = None) -> bool:
         """Run ``action`` until it succeeds (True) or ``stop`` is set (False); between attempts pause every
-        partition and keep polling so the group membership survives."""
+        partition and keep polling so the group membership survives. ``failed``: the first attempt already
+        failed with it (back off before trying again)."""
         attempt = 0
         while True:
             try:
+                if failed is not None:
+                    exc, failed = failed, None
+                    raise exc
                 await action()
             except (offsets.Fenced, CircuitOpen):
                 raise

@@ -9,6 +9,7 @@ strings as ``str``, date-times as aware ``datetime``, objects as compact JSON ``
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,12 @@ def parse_rfc3339(text: str) -> datetime:
     m = _RFC3339.fullmatch(text)
     if m is None:
         raise ValueError("not an RFC 3339 date-time with offset")
+    offset_minutes = m.group(11)
+    if offset_minutes is None or offset_minutes < "60":
+        # Fast path (C): same result on everything the pattern admitted, except lowercase t/z (handled below)
+        # and offset minutes >= 60, which fromisoformat would wrongly accept.
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(text)
     year, month, day, hour, minute, second, frac, zulu, sign, oh, om = m.groups()
     if zulu:
         tz = UTC

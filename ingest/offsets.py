@@ -43,21 +43,16 @@ async def fence_and_advance(
     conn: Conn, table: str, group: str, topic: str,
     expected: Mapping[int, int], advance: Mapping[int, int],
 ) -> None:
-    """Inside the batch transaction: lock the partitions' rows, check they still hold ``expected``, then write
-    ``advance``. Raises ``Fenced`` (the caller must roll back) when another owner moved any of them."""
+    """Inside the batch transaction, in one statement: move each partition from ``expected`` to ``advance``
+    (compare-and-swap; the rows stay locked until COMMIT). Raises ``Fenced`` (the caller must roll back) when
+    another owner moved any of them."""
     parts = sorted(advance)
     rows = await conn.fetch(
-        f"SELECT partition, next_offset FROM {ident(table)} WHERE group_id = $1 AND topic = $2 "
-        "AND partition = ANY($3::int[]) ORDER BY partition FOR UPDATE",
-        group, topic, parts,
-    )
-    stored = {r[0]: r[1] for r in rows}
-    moved = [p for p in parts if stored.get(p) != expected.get(p)]
-    if moved:
-        raise Fenced(moved)
-    await conn.execute(
         f"""UPDATE {ident(table)} o SET next_offset = u.n, updated_at = now()
-            FROM unnest($3::int[], $4::bigint[]) AS u(p, n)
-            WHERE o.group_id = $1 AND o.topic = $2 AND o.partition = u.p""",
-        group, topic, parts, [advance[p] for p in parts],
+            FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS u(p, e, n)
+            WHERE o.group_id = $1 AND o.topic = $2 AND o.partition = u.p AND o.next_offset = u.e
+            RETURNING o.partition""",
+        group, topic, parts, [expected.get(p, -2) for p in parts], [advance[p] for p in parts],
     )
+    if len(rows) != len(parts):
+        raise Fenced(sorted(set(parts) - {r[0] for r in rows}))

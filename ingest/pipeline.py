@@ -6,6 +6,7 @@ the transaction and one after it, and one Postgres transaction, whatever the bat
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -71,14 +72,16 @@ class Prepared:
     in_batch_duplicates: int = 0
     sanitized: int = 0
     advance: dict[int, int] = field(default_factory=dict)
-    kafka_ms: list[int] = field(default_factory=list)
+    seen: set[Key] = field(default_factory=set)
 
 
 def prepare(stream: str, records: Sequence[Record], contract: Contract, limits: DecodeLimits,
-            now: datetime) -> Prepared:
-    """Validate every record; the contract's first two columns must be tenant_id and idempotency_key."""
-    out = Prepared()
-    seen: set[Key] = set()
+            now: datetime, into: Prepared | None = None) -> Prepared:
+    """Validate every record; the contract's first two columns must be tenant_id and idempotency_key.
+
+    ``into`` continues an earlier call (same batch, next slice of records)."""
+    out = into if into is not None else Prepared()
+    seen = out.seen
     advance = out.advance
     for rec in records:
         p, off = rec.partition, rec.offset
@@ -106,7 +109,6 @@ def prepare(stream: str, records: Sequence[Record], contract: Contract, limits: 
             key, (*values, ts, p, off),
             (stream, "", "", rec.value, key[0], key[1], rec.topic, p, off, rec.key, ts),
         ))
-        out.kafka_ms.append(rec.timestamp)
     return out
 
 
@@ -121,8 +123,21 @@ class Outcome:
     write_seconds: float
 
 
+@dataclass(slots=True)
+class Staged:
+    """A batch after the CPU stages and the Redis hint lookup, ready for ``Pipeline.commit``."""
+
+    records: Sequence[Record]
+    prepared: Prepared
+    candidates: list[Candidate]
+    hinted: int
+
+
 class Pipeline:
-    """Processes batches for one stream. Rule: call ``process`` for one batch at a time."""
+    """Processes batches for one stream. Rules: ``stage`` may run while the previous batch's ``commit`` is in
+    flight, but commits run one at a time and in order; ``aclose`` waits for the last Redis hint write."""
+
+    SLICE = 200  # records validated between two yields to the event loop (keeps the write in flight moving)
 
     def __init__(self, *, stream: str, contract: Contract, limits: DecodeLimits, writer: Writer,
                  hints: RedisHints | None, metrics: Metrics, breaker: Breaker | None = None) -> None:
@@ -131,35 +146,63 @@ class Pipeline:
         self.breaker = breaker
         self.on_commit: Callable[[Outcome, list[float]], None] | None = None
         """Called after each commit with the outcome and each stored event's Kafka-to-commit latency (bench)."""
+        self._remembering: asyncio.Task[None] | None = None
 
-    async def process(self, conn: Conn, records: Sequence[Record], expected: dict[int, int]) -> Outcome:
-        """Validate, dedupe and commit ``records``; raises ``offsets.Fenced``, ``breaker.CircuitOpen`` (nothing
-        written) or a database error on failure."""
-        prepared = prepare(self.stream, records, self.contract, self.limits, datetime.now(UTC))
+    async def stage(self, records: Sequence[Record]) -> Staged:
+        """Validate (yielding to the loop every ``SLICE`` records), check the breaker, drop Redis-hinted
+        duplicates. Raises ``breaker.CircuitOpen``; touches no Postgres."""
+        now = datetime.now(UTC)
+        prepared = Prepared()
+        for i in range(0, len(records), self.SLICE):
+            prepare(self.stream, records[i:i + self.SLICE], self.contract, self.limits, now, into=prepared)
+            if len(records) > self.SLICE:
+                await asyncio.sleep(0)
         if self.breaker is not None:
             reasons = Counter(str(row[1]) for row in prepared.dead_letters)
             self.breaker.check(self.stream, len(records), len(prepared.dead_letters), reasons)
         candidates = prepared.candidates
-        hinted = 0
         if self.hints is not None and candidates:
             seen = await self.hints.seen([c.key for c in candidates])
-            kept = [c for c, s in zip(candidates, seen, strict=True) if not s]
-            hinted = len(candidates) - len(kept)
-            candidates = kept
+            candidates = [c for c, s in zip(candidates, seen, strict=True) if not s]
+        return Staged(records, prepared, candidates, len(prepared.candidates) - len(candidates))
+
+    def restage(self, records: Sequence[Record]) -> Staged:
+        """``stage`` for a subset of an already staged batch (no breaker, no Redis: Postgres decides)."""
+        prepared = prepare(self.stream, records, self.contract, self.limits, datetime.now(UTC))
+        return Staged(records, prepared, prepared.candidates, 0)
+
+    async def commit(self, conn: Conn, staged: Staged, expected: dict[int, int]) -> Outcome:
+        """One Postgres transaction for ``staged``; raises ``offsets.Fenced`` or a database error (nothing
+        committed). Redis learns the stored keys only after COMMIT, in the background."""
+        prepared = staged.prepared
         started = time.perf_counter()
-        result = await self.writer.write(conn, candidates, prepared.dead_letters, expected, prepared.advance)
+        result = await self.writer.write(conn, staged.candidates, prepared.dead_letters, expected,
+                                         prepared.advance)
         elapsed = time.perf_counter() - started
         if self.hints is not None:
-            await self.hints.remember([c.key for c in result.stored] + [c.key for c in result.duplicates])
+            if self._remembering is not None:
+                await self._remembering  # at most one hint write outstanding
+            keys = [c.key for c in result.stored] + [c.key for c in result.duplicates]
+            self._remembering = asyncio.create_task(self.hints.remember(keys))
         outcome = Outcome(
             stored=len(result.stored),
-            duplicates=prepared.in_batch_duplicates + hinted + len(result.duplicates),
+            duplicates=prepared.in_batch_duplicates + staged.hinted + len(result.duplicates),
             rejected=len(prepared.dead_letters) + len(result.refused),
             quota_exceeded=len(result.over_quota),
             write_seconds=elapsed,
         )
         self._observe(prepared, result, outcome)
         return outcome
+
+    async def process(self, conn: Conn, records: Sequence[Record], expected: dict[int, int]) -> Outcome:
+        """``stage`` then ``commit`` (for callers that do not overlap batches)."""
+        return await self.commit(conn, await self.stage(records), expected)
+
+    async def aclose(self) -> None:
+        """Wait for the last Redis hint write (it never raises)."""
+        if self._remembering is not None:
+            await self._remembering
+            self._remembering = None
 
     def _observe(self, prepared: Prepared, result: WriteResult, outcome: Outcome) -> None:
         m, s = self.metrics, self.stream

@@ -73,7 +73,7 @@ def test_valid_record_becomes_a_candidate_row() -> None:
         "idempotency_key": "evt-1", "source_topic": "events.webhook", "source_partition": 2, "source_offset": 41,
         "kafka_key": b"org-1", "kafka_timestamp": ts,
     }
-    assert out.kafka_ms == [TS_MS]
+    assert c.row[-3] == ts and ts.timestamp() * 1000 == TS_MS
     assert out.advance == {2: 42}
 
 
