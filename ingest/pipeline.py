@@ -99,12 +99,12 @@ def prepare(stream: str, records: Sequence[Record], contract: Contract, limits: 
             out.dead_letters.append((stream, str(rej.reason), _text(rej.detail, 1000), rec.value,
                                      _text(tenant, 256), _text(idem, 512), rec.topic, p, off, rec.key, ts))
             continue
-        out.sanitized += decoded.sanitized
         key: Key = (values[0], values[1])
         if key in seen:
             out.in_batch_duplicates += 1
             continue
         seen.add(key)
+        out.sanitized += decoded.sanitized
         out.candidates.append(Candidate(
             key, (*values, ts, p, off),
             (stream, "", "", rec.value, key[0], key[1], rec.topic, p, off, rec.key, ts),
