@@ -147,6 +147,11 @@ class Pipeline:
         self.on_commit: Callable[[Outcome, list[float]], None] | None = None
         """Called after each commit with the outcome and each stored event's Kafka-to-commit latency (bench)."""
         self._remembering: asyncio.Task[None] | None = None
+        self._batch_id = 0
+        self._rejects: Counter[str] = Counter()  # since the last reject log line
+        self._last_reject_log = 0.0
+
+    REJECT_LOG_INTERVAL = 10.0  # seconds: at most one reject summary per stream in this interval
 
     async def stage(self, records: Sequence[Record]) -> Staged:
         """Validate (yielding to the loop every ``SLICE`` records), check the breaker, drop Redis-hinted
@@ -192,7 +197,36 @@ class Pipeline:
             write_seconds=elapsed,
         )
         self._observe(prepared, result, outcome)
+        self._log(staged, result, outcome)
         return outcome
+
+    def _log(self, staged: Staged, result: WriteResult, outcome: Outcome) -> None:
+        """One DEBUG line per batch; rejects summarised at WARNING at most every ``REJECT_LOG_INTERVAL``.
+        Never payloads: reasons, counts and source coordinates only."""
+        self._batch_id += 1
+        prepared = staged.prepared
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch committed", extra={
+                "stream": self.stream, "batch_id": self._batch_id, "records": len(staged.records),
+                "offsets": {p: [min(r.offset for r in staged.records if r.partition == p), n - 1]
+                            for p, n in prepared.advance.items()},
+                "stored": outcome.stored, "duplicates": outcome.duplicates, "rejected": outcome.rejected,
+                "quota_exceeded": outcome.quota_exceeded, "write_s": round(outcome.write_seconds, 4)})
+        rejected = [*prepared.dead_letters, *result.refused]
+        if not rejected and not result.over_quota:
+            return
+        self._rejects.update(str(row[1]) for row in rejected)
+        if result.over_quota:
+            self._rejects["quota_exceeded"] += len(result.over_quota)
+        now = time.monotonic()
+        if now - self._last_reject_log >= self.REJECT_LOG_INTERVAL:
+            example = rejected[0] if rejected else result.over_quota[0].dead_letter
+            log.warning("records dead-lettered", extra={
+                "stream": self.stream, "batch_id": self._batch_id, "by_reason": dict(self._rejects),
+                "example": {"reason": example[1] or "quota_exceeded", "topic": example[6],
+                            "partition": example[7], "offset": example[8]}})
+            self._rejects.clear()
+            self._last_reject_log = now
 
     async def process(self, conn: Conn, records: Sequence[Record], expected: dict[int, int]) -> Outcome:
         """``stage`` then ``commit`` (for callers that do not overlap batches)."""
