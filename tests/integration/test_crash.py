@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 import asyncpg
@@ -59,3 +60,28 @@ async def test_kill9_during_batches_then_restart(config: Config, env: dict[str, 
     assert await offsets_total(db, config, "webhook") == len(webhooks)
     assert await offsets_total(db, config, "audit") == len(audits)
     assert kills == 3
+
+
+async def test_sigterm_mid_backlog_stops_cleanly_within_30s(config: Config, env: dict[str, str],
+                                                            db: asyncpg.Connection) -> None:
+    import signal
+    import time
+
+    events = list(sample.generate("webhook", 15000, n_tenants=20, dup_rate=0.1, seed=23))
+    await publish(config, "webhook", events)
+    proc = spawn_consumer({**env, "INGEST_BATCH_MAX_ROWS": "500"}, "webhook")
+    try:
+        await wait_progress(db, config, 0)
+    except BaseException:
+        kill9(proc)
+        raise
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 30)
+    assert code == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    assert time.monotonic() - started < 30
+    assert 0 < await offsets_total(db, config, "webhook") <= len(events)
+
+    await drain(config, "webhook")
+    stored = await stored_keys(db, "webhook")
+    assert set(stored) == unique_keys(events) and max(stored.values()) == 1
