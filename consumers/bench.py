@@ -31,7 +31,7 @@ from consumers.report import HOSTILE
 from ingest.broker import delete_topics
 from ingest.config import Config
 from ingest.consumer import Totals
-from ingest.pipeline import Outcome, prepare
+from ingest.pipeline import Outcome, SimpleRecord, prepare
 from ingest.services import create_pool, redis_client
 
 
@@ -139,17 +139,8 @@ async def _ceiling(config: Config, stream: streams.Stream, opts: BenchOptions, l
     contract = stream.contract(config)
     now = datetime.now(UTC)
 
-    @dataclass
-    class Rec:
-        topic: str
-        partition: int
-        offset: int
-        key: bytes | None
-        value: bytes | None
-        timestamp: int
-
     ts = int(time.time() * 1000)
-    recs = [Rec("t", 0, i, k, v, ts) for i, (k, v) in enumerate(_values(dataclasses.replace(opts, events=limit)))]
+    recs = [SimpleRecord("t", 0, i, k, v, ts) for i, (k, v) in enumerate(_values(dataclasses.replace(opts, events=limit)))]
     rows = [c.row for c in prepare(stream.name, recs, contract, config.decode, now).candidates]
     pool = await create_pool(config.database_url, max_size=1)
     try:

@@ -46,6 +46,18 @@ class Record(Protocol):
     def timestamp(self) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SimpleRecord:
+    """A ``Record`` built in memory (bench, tools, tests)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int
+
+
 def _text(value: object, limit: int) -> str | None:
     """A string Postgres can always store (no NUL, no lone surrogates), or None."""
     if not isinstance(value, str):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 from consumers.streams import AUDIT, WEBHOOK, Stream, load_schema
 from ingest.codec import DecodeLimits, NulPolicy, decode
 from ingest.contract import Contract, TimeWindow
-from ingest.pipeline import prepare
+from ingest.pipeline import SimpleRecord, prepare
 from ingest.reject import Reason, Rejected
 
 NOW = datetime(2024, 6, 15, 12, 0, 0, tzinfo=UTC)
@@ -86,14 +85,7 @@ def test_json_ish_only_reject(raw: bytes, limits: DecodeLimits, stream: str) -> 
         assert "\x00" not in values[0] + values[1]
 
 
-@dataclass(frozen=True, slots=True)
-class FakeRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
+FakeRecord = SimpleRecord
 
 
 records_st = st.lists(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -14,18 +13,10 @@ from consumers import streams
 from ingest.codec import DecodeLimits
 from ingest.config import Config
 from ingest.metrics import Metrics
-from ingest.pipeline import Pipeline
+from ingest.pipeline import Pipeline, SimpleRecord
 from ingest.writer import Candidate, WriteResult
 
-
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
+Rec = SimpleRecord
 
 
 class FakeWriter:

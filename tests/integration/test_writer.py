@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -12,21 +11,14 @@ import pytest
 from consumers import sample, streams
 from ingest import offsets
 from ingest.config import Config
-from ingest.pipeline import prepare
+from ingest.pipeline import SimpleRecord, prepare
 from ingest.services import create_pool
 from ingest.writer import Writer
 
 STREAM = streams.WEBHOOK
 
 
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
+Rec = SimpleRecord
 
 
 class CountingQuota:
