@@ -89,40 +89,45 @@ def _values(opts: BenchOptions) -> Any:
 
 
 async def _produce(bootstrap: str, topic: str, opts: BenchOptions, progress: bool) -> int:
-    """Fast producer: records go straight into per-partition batches (murmur2 of the key, like Kafka's)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
+    """Backlog: records go straight into per-partition batches (murmur2 of the key, like Kafka's default
+    partitioner). Rate: ordinary keyed sends with a 5 ms linger, paced to ``opts.rate`` (the Kafka timestamp is
+    taken when a record is handed to the producer, so latency includes the producer's linger)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5 if opts.rate else 20,
+                                max_batch_size=1 << 20)
     await producer.start()
     sent = 0
     try:
-        partitions = sorted(await producer.partitions_for(topic))
-        batches: dict[int, Any] = {}
-        pending: list[Any] = []
-        interval = 1 / opts.rate if opts.rate else 0.0
-        started = time.perf_counter()
         bar = tqdm(total=opts.events, desc="produce", unit="ev", disable=not progress, mininterval=1)
-        for key, value in _values(opts):
-            p = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
-            batch = batches.get(p) or batches.setdefault(p, producer.create_batch())
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                pending.append(await producer.send_batch(batch, topic, partition=p))
-                batch = batches[p] = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
-            sent += 1
-            bar.update()
-            if interval and sent % max(1, int(opts.rate / 100)) == 0:
-                # Rate mode: flush what we have and keep to the schedule (timestamps are set on append).
-                for q, b in list(batches.items()):
-                    pending.append(await producer.send_batch(b, topic, partition=q))
-                    del batches[q]
-                delay = started + sent * interval - time.perf_counter()
-                if delay > 0:
+        pending: list[Any] = []
+        if opts.rate:
+            started = time.perf_counter()
+            for key, value in _values(opts):
+                pending.append(await producer.send(topic, key=key, value=value))
+                sent += 1
+                bar.update()
+                delay = started + sent / opts.rate - time.perf_counter()
+                if delay > 0.002:
                     await asyncio.sleep(delay)
                 if time.perf_counter() - started >= opts.duration:
                     break
-        for q, b in batches.items():
-            pending.append(await producer.send_batch(b, topic, partition=q))
-        for fut in pending:
-            await fut
+                if len(pending) >= 10000:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+        else:
+            partitions = sorted(await producer.partitions_for(topic))
+            batches: dict[int, Any] = {}
+            for key, value in _values(opts):
+                p = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+                batch = batches.get(p) or batches.setdefault(p, producer.create_batch())
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    pending.append(await producer.send_batch(batch, topic, partition=p))
+                    batch = batches[p] = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+                sent += 1
+                bar.update()
+            for q, b in batches.items():
+                pending.append(await producer.send_batch(b, topic, partition=q))
+        await asyncio.gather(*pending)
         bar.close()
     finally:
         await producer.stop()

@@ -184,6 +184,7 @@ class StreamConsumer:
             rebalance_timeout_ms=self.config.rebalance_timeout_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=100,  # an idle long-poll must not hold new records back for the 500 ms default
             fetch_max_bytes=max(batch.max_bytes, 8 * 1024 * 1024),
             client_id=f"ingest-{self.stream}",
         )

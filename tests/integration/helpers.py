@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,7 +79,9 @@ def spawn_consumer(env: Mapping[str, str], stream: str = "all", *extra: str) -> 
 
 
 def kill9(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the child's process group (no-op if it already exited) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
 
 

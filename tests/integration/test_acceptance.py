@@ -47,26 +47,27 @@ async def test_kill9_x4_flush_and_restart_redis_then_drain(config: Config, env: 
         await publish(config, "audit", audits[round_ * 3500:(round_ + 1) * 3500])
         proc = spawn_consumer(crash_env)
         try:
-            async with asyncio.timeout(90):
-                while await offsets_total(db, config, "webhook") + await offsets_total(db, config, "audit") <= progress:
-                    await asyncio.sleep(0.02)
-        except TimeoutError:
-            kill9(proc)
-            raise AssertionError(f"round {round_}: no progress; log: {proc.stderr.read().decode()[-3000:]}") from None
-        await asyncio.sleep(rng.uniform(0.0, 0.3))
-        if round_ == 1:
-            redis = Redis.from_url(config.redis_url)
-            await redis.flushall()
-            await redis.aclose()
-            events_log.append("redis flushed")
-            await asyncio.sleep(0.3)
-        if round_ == 2:
-            stop_redis()
-            events_log.append("redis stopped")
-            await asyncio.sleep(0.5)
-            start_redis()
-            events_log.append("redis restarted (empty)")
-        kill9(proc)
+            try:
+                async with asyncio.timeout(90):
+                    while await offsets_total(db, config, "webhook") + await offsets_total(db, config, "audit") <= progress:
+                        await asyncio.sleep(0.02)
+            except TimeoutError:
+                raise AssertionError(f"round {round_}: no progress") from None
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+            if round_ == 1:
+                redis = Redis.from_url(config.redis_url)
+                await redis.flushall()
+                await redis.aclose()
+                events_log.append("redis flushed")
+                await asyncio.sleep(0.3)
+            if round_ == 2:
+                stop_redis()
+                events_log.append("redis stopped")
+                await asyncio.sleep(0.5)
+                start_redis()
+                events_log.append("redis restarted (empty)")
+        finally:
+            kill9(proc)  # always: a test must never leave a consumer behind
         kills += 1
         progress = await offsets_total(db, config, "webhook") + await offsets_total(db, config, "audit")
         events_log.append(f"kill -9 #{kills} with {progress}/{(round_ + 1) * 10000} published records committed")
