@@ -178,21 +178,28 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
         child = ctx.Process(target=_produce_in_child, args=(config.kafka_bootstrap, topic, opts, progress, out))
-        produce_started = time.perf_counter()
-        child.start()
-        if not opts.rate:
-            await asyncio.to_thread(child.join)
-        produce_seconds = time.perf_counter() - produce_started
-
         recorder = Recorder()
         stop = asyncio.Event()
+        produce_seconds = 0.0
+        if not opts.rate:  # backlog: everything is in Kafka before the consumer starts
+            produce_started = time.perf_counter()
+            child.start()
+            await asyncio.to_thread(child.join)
+            produce_seconds = time.perf_counter() - produce_started
         rt = await run.open_runtime(config)
         consumer = run.build_consumer(config, stream, rt)
         consumer.pipeline.on_commit = recorder
         cpu0, wall0 = time.process_time(), time.perf_counter()
         try:
             if opts.rate:
+                # Steady rate: start producing once the consumer owns positioned partitions, so that the
+                # latencies measure the pipeline, not the group join.
                 task = asyncio.create_task(consumer.run(stop))
+                async with asyncio.timeout(60):
+                    while not consumer.positioned():  # noqa: ASYNC110 - polls the consumer task's state
+                        await asyncio.sleep(0.05)
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                child.start()
                 await asyncio.to_thread(child.join)
                 await asyncio.sleep(1.0)  # let the tail commit
                 stop.set()
@@ -214,6 +221,8 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
             "stored": totals.stored, "duplicates": totals.duplicates, "rejected": totals.rejected,
             "quota_exceeded": totals.quota_exceeded, "batches": totals.batches,
             "partitions": opts.partitions, "tenants": opts.tenants,
+            "batch_max_rows": config.batch.max_rows,
+            "batch_max_age_ms": int(config.batch.max_age.total_seconds() * 1000),
             "produce_seconds": round(produce_seconds, 2),
             "wall_seconds": round(wall, 2),
             "steady_events_per_s": round(steady),

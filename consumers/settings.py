@@ -43,7 +43,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_TOPIC_PARTITIONS", "12", "Partitions per topic created by `ingest topics ensure`."),
     Setting("INGEST_BATCH_MAX_ROWS", "5000", "A batch closes at this many records..."),
     Setting("INGEST_BATCH_MAX_BYTES", "16777216", "...or this many bytes of values..."),
-    Setting("INGEST_BATCH_MAX_AGE_MS", "200", "...or this age of its first record, whichever comes first."),
+    Setting("INGEST_BATCH_MAX_AGE_MS", "100", "...or this age of its first record, whichever comes first (100 ms keeps p99 < 250 ms at 2,000 ev/s)."),
     Setting("INGEST_DEDUPE_WINDOW_SECONDS", "604800", "A repeated idempotency key within this window is a duplicate (7 days)."),
     Setting("INGEST_DEDUPE_HINT_TTL_SECONDS", "86400", "How long Redis remembers a key (a hint; Postgres covers the rest of the window)."),
     Setting("INGEST_MAX_MESSAGE_BYTES", "262144", "Larger Kafka values are dead-lettered as `too_large`."),

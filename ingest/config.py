@@ -16,7 +16,7 @@ class BatchLimits:
 
     max_rows: int = 5000
     max_bytes: int = 16 * 1024 * 1024
-    max_age: timedelta = timedelta(milliseconds=200)
+    max_age: timedelta = timedelta(milliseconds=100)
 
 
 @dataclass(frozen=True, slots=True)

@@ -414,6 +414,10 @@ class StreamConsumer:
                 return False
         return True
 
+    def positioned(self) -> bool:
+        """True when every assigned partition has been positioned from Postgres."""
+        return bool(self.state.assigned) and not self._unpositioned and set(self._positions) >= self.state.assigned
+
     def lag(self, consumer: AIOKafkaConsumer) -> dict[int, int | None]:
         """Per assigned partition: high watermark minus stored offset (None until the first fetch)."""
         out: dict[int, int | None] = {}
