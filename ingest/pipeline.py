@@ -256,10 +256,12 @@ class Pipeline:
         m.events.labels(s, "duplicate").inc(outcome.duplicates)
         m.events.labels(s, "rejected").inc(outcome.rejected)
         m.events.labels(s, "quota_exceeded").inc(outcome.quota_exceeded)
-        for row in [*prepared.dead_letters, *result.refused]:
-            m.dead_letters.labels(s, row[1]).inc()
+        reasons = Counter(row[1] for row in prepared.dead_letters)
+        reasons.update(row[1] for row in result.refused)
         if result.over_quota:
-            m.dead_letters.labels(s, "quota_exceeded").inc(len(result.over_quota))
+            reasons["quota_exceeded"] += len(result.over_quota)
+        for reason, n in reasons.items():
+            m.dead_letters.labels(s, reason).inc(n)
         if prepared.sanitized:
             m.sanitized.labels(s, self.limits.nul_policy.value).inc(prepared.sanitized)
         if result.splits:

@@ -58,3 +58,18 @@ def test_readme_table_lists_every_setting_with_its_default() -> None:
     assert set(rows) == {s.env for s in SETTINGS}
     for s in SETTINGS:
         assert rows[s.env] == (f"`{s.default}`" if s.default else "_(empty)_"), s.env
+
+
+def test_per_stream_partition_policies() -> None:
+    from ingest.config import partitions_for
+
+    cfg = from_env({"INGEST_AUDIT_PARTITION_GRANULARITY": "month", "INGEST_WEBHOOK_RETENTION_DAYS": "30",
+                    "INGEST_RETENTION_ACTION": "archive", "INGEST_MAINTENANCE_INTERVAL_SECONDS": "0"})
+    audit, webhook = partitions_for(cfg, "audit"), partitions_for(cfg, "webhook")
+    assert (audit.granularity, audit.retention) == ("month", timedelta(days=90))
+    assert (webhook.granularity, webhook.retention) == ("day", timedelta(days=30))
+    assert audit.retention_action == webhook.retention_action == "archive"
+    assert cfg.partitions.maintenance_interval == timedelta(0)
+    assert partitions_for(from_env({}), "audit") == from_env({}).partitions
+    with pytest.raises(SettingsError, match="INGEST_WEBHOOK_PARTITION_GRANULARITY"):
+        from_env({"INGEST_WEBHOOK_PARTITION_GRANULARITY": "hour"})
