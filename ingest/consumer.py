@@ -93,7 +93,6 @@ class StreamConsumer:
         self._kafka_commit: asyncio.Task[None] | None = None
         self._last_kafka_commit = 0.0
         self._last_lag_refresh = -1.0
-        self._joined = False
         self.consumer: AIOKafkaConsumer | None = None
 
     def _tp(self, partition: int) -> TopicPartition:
@@ -102,7 +101,6 @@ class StreamConsumer:
     # -- rebalance ---------------------------------------------------------------------------------------------
     def on_assigned(self, parts: set[int]) -> None:
         """Pause new partitions until they are positioned from Postgres (nothing here may fail)."""
-        self._joined = True
         self.state.joined = True
         self.metrics.rebalances.labels(self.stream).inc()
         self.state.assigned = set(parts)
@@ -309,23 +307,27 @@ class StreamConsumer:
 
     async def _settle(self, consumer: AIOKafkaConsumer, stop: asyncio.Event, task: asyncio.Task[None],
                       staged: Staged, epochs: dict[int, int]) -> None:
-        """Wait for a write in flight; on failure retry it (nothing else overlaps while retrying)."""
+        """Wait for a write in flight; on failure retry it (nothing else overlaps while retrying). A write that
+        is fenced, or abandoned because ``stop`` was set mid-retry, re-positions its partitions: records staged
+        after it must never be written past its unwritten records."""
         try:
             try:
                 await task
+                return
             except offsets.Fenced:
                 raise
             except Exception as exc:
-                await self._retrying(consumer, stop, lambda: self._write(consumer, staged, epochs), failed=exc)
+                if await self._retrying(consumer, stop, lambda: self._write(consumer, staged, epochs), failed=exc):
+                    return
         except offsets.Fenced as fenced:
             self.metrics.fenced.labels(self.stream).inc()
             log.warning("batch fenced: another owner moved the offsets; re-seeking",
                         extra={"stream": self.stream, "partitions": list(fenced.partitions)})
-            for p in {r.partition for r in staged.records}:
-                if p in self._positions:
-                    self._forget(p)
-                    self._unpositioned.add(p)
-            self._apply_pause(consumer)
+        for p in {r.partition for r in staged.records}:
+            if p in self._positions:
+                self._forget(p)
+                self._unpositioned.add(p)
+        self._apply_pause(consumer)
 
     async def _retrying(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
                         action: Callable[[], Any], failed: BaseException | None = None) -> bool:
@@ -404,7 +406,7 @@ class StreamConsumer:
             log.debug("kafka commit skipped", extra={"stream": self.stream, "error": type(exc).__name__})
 
     def _caught_up(self, consumer: AIOKafkaConsumer) -> bool:
-        if not self._joined or self._unpositioned:
+        if not self.state.joined or self._unpositioned:
             return False
         assigned = consumer_partitions(consumer, self.topic)
         for p in assigned:

@@ -1,0 +1,84 @@
+"""A write abandoned (stop during retries) or fenced must never let a later staged batch skip its records."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+
+from ingest import offsets
+from ingest.config import Config
+from ingest.consumer import StreamConsumer
+from ingest.metrics import Metrics
+from ingest.pipeline import Prepared, SimpleRecord, Staged
+
+TOPIC = "events.webhook"
+
+
+class FakeKafka:
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(TOPIC, 0)}
+
+    def pause(self, *tps: TopicPartition) -> None: ...
+    def resume(self, *tps: TopicPartition) -> None: ...
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, Any]:
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+
+class FakePipeline:
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+        self.commits: list[dict[int, int]] = []
+
+    async def commit(self, conn: Any, staged: Staged, expected: dict[int, int]) -> Any:
+        if self.error is not None:
+            raise self.error
+        self.commits.append(expected)
+        raise AssertionError("a later batch was written past unwritten records")
+
+    def restage(self, records: Any) -> Staged:
+        return staged(list(records))
+
+
+class FakePool:
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[None]:
+        yield None
+
+
+def staged(records: list[SimpleRecord]) -> Staged:
+    prepared = Prepared()
+    prepared.advance = {0: records[-1].offset + 1}
+    return Staged(records, prepared, [], 0)
+
+
+def batch(first: int) -> Staged:
+    return staged([SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(first, first + 5)])
+
+
+@pytest.mark.parametrize("error", [ConnectionError("postgres went away"), offsets.Fenced([0])])
+async def test_failed_write_invalidates_batches_staged_after_it(error: BaseException) -> None:
+    pipeline = FakePipeline(error)
+    sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
+                        pool=FakePool(), metrics=Metrics(), offsets_table="consumer_offsets")  # type: ignore[arg-type]
+    kafka = FakeKafka()
+    sc._positions, sc._cursor, sc._epoch = {0: 10}, {0: 20}, {0: 1}
+    epochs = {0: 1}
+    first, second = batch(10), batch(15)
+
+    stop = asyncio.Event()
+    stop.set()  # the operator stops while batch N is failing: it is abandoned after one retry round
+    failed: asyncio.Task[None] = asyncio.create_task(sc._write(kafka, first, epochs))  # type: ignore[arg-type]
+    await sc._settle(kafka, stop, failed, first, epochs)  # type: ignore[arg-type]
+
+    # Batch N+1 was staged while N was in flight: it must not be written from position 10.
+    pipeline.error = None
+    await sc._write(kafka, second, epochs)  # type: ignore[arg-type]
+    assert pipeline.commits == []
+    assert 0 in sc._unpositioned and 0 not in sc._positions  # re-read from Postgres's position instead
