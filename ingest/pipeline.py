@@ -208,7 +208,7 @@ class Pipeline:
             quota_exceeded=len(result.over_quota),
             write_seconds=elapsed,
         )
-        self._observe(prepared, result, outcome)
+        self._observe(staged, result, outcome)
         self._log(staged, result, outcome)
         return outcome
 
@@ -250,8 +250,8 @@ class Pipeline:
             await self._remembering
             self._remembering = None
 
-    def _observe(self, prepared: Prepared, result: WriteResult, outcome: Outcome) -> None:
-        m, s = self.metrics, self.stream
+    def _observe(self, staged: Staged, result: WriteResult, outcome: Outcome) -> None:
+        m, s, prepared = self.metrics, self.stream, staged.prepared
         m.events.labels(s, "stored").inc(outcome.stored)
         m.events.labels(s, "duplicate").inc(outcome.duplicates)
         m.events.labels(s, "rejected").inc(outcome.rejected)
@@ -284,12 +284,9 @@ class Pipeline:
         rejected: Counter[str | None] = Counter(row[4] for row in prepared.dead_letters)
         rejected.update(refused)
         duplicates: Counter[str | None] = Counter(c.key[0] for c in result.duplicates)
-        if outcome.duplicates > prepared.in_batch_duplicates + len(result.duplicates):
-            # Redis-hinted duplicates never reached the writer: the candidates not accounted for by it.
-            hinted: Counter[str | None] = Counter(c.key[0] for c in prepared.candidates)
-            for written in (stored, quota, refused, duplicates):
-                hinted.subtract(written)
-            duplicates.update(+hinted)
+        if staged.hinted:  # Redis-hinted duplicates never reached the writer
+            kept = {id(c) for c in staged.candidates}
+            duplicates.update(c.key[0] for c in prepared.candidates if id(c) not in kept)
         if prepared.in_batch_duplicates:
             duplicates[None] += prepared.in_batch_duplicates
         m.observe_tenants(s, {"stored": stored, "duplicate": duplicates, "rejected": rejected,

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from ingest.codec import DecodeLimits
 from ingest.metrics import Metrics
-from ingest.pipeline import Outcome, Pipeline, Prepared
+from ingest.pipeline import Outcome, Pipeline, Prepared, Staged
 from ingest.writer import Candidate, WriteResult
 
 OUTCOMES = ("stored", "duplicate", "rejected", "quota_exceeded")
@@ -130,7 +130,8 @@ def test_pipeline_attributes_every_outcome_to_a_tenant() -> None:
     # b was a Redis-hinted duplicate, so it never reached the writer.
     result = WriteResult(stored=[a], duplicates=[c], over_quota=[d], refused=[refused])
     outcome = Outcome(stored=1, duplicates=2 + 1 + 1, rejected=2 + 1, quota_exceeded=1, write_seconds=0.01)
-    pipeline._observe(prepared, result, outcome)
+    staged = Staged([], prepared, [a, c, d, e], hinted=1)
+    pipeline._observe(staged, result, outcome)
     got = series(m)
     assert {k: v for k, v in got.items() if v} == {
         ("webhook", "t1", "stored"): 1,
