@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import gzip
 import logging
 import os
@@ -26,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -68,9 +67,6 @@ class Report:
     errors: list[str] = field(default_factory=list)
     skipped: bool = False  # another process held the maintenance lock
     dry_run: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def utc_now() -> datetime:

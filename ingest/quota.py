@@ -47,12 +47,6 @@ class Quota(Protocol):
     async def admit(self, tenants: Sequence[str]) -> list[bool]: ...
 
 
-class Unlimited:
-    """No limits: every event is admitted without any I/O."""
-
-    async def admit(self, tenants: Sequence[str]) -> list[bool]:
-        return [True] * len(tenants)
-
 
 # -- limits ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
