@@ -25,6 +25,7 @@ class FakeKafka:
 
     def pause(self, *tps: TopicPartition) -> None: ...
     def resume(self, *tps: TopicPartition) -> None: ...
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
 
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, Any]:
         await asyncio.sleep(timeout_ms / 1000)
@@ -82,3 +83,10 @@ async def test_failed_write_invalidates_batches_staged_after_it(error: BaseExcep
     await sc._write(kafka, second, epochs)  # type: ignore[arg-type]
     assert pipeline.commits == []
     assert 0 in sc._unpositioned and 0 not in sc._positions  # re-read from Postgres's position instead
+
+    # Even once the partition is positioned again at 10 (the loop seeks before N+1's write runs), N+1's
+    # records belong to the old position epoch and stay unwritable: writing them would skip 10..14.
+    await sc._seek(kafka, [0], {0: 10})  # type: ignore[arg-type]
+    assert sc._positions == {0: 10}
+    await sc._write(kafka, second, epochs)  # type: ignore[arg-type]
+    assert pipeline.commits == []
