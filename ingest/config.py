@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 
 from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits
 from ingest.contract import TimeWindow
+from ingest.security import redact
 
 
 @dataclass(frozen=True, slots=True)
 class BatchLimits:
-    """A batch closes at whichever comes first: ``max_rows`` records, ``max_bytes`` of values, ``max_age``."""
+    """A batch closes at whichever comes first: ``max_rows`` records, ``max_bytes`` of values, ``max_age``, or
+    (the consumer's rule) the end of the previous batch's write."""
 
     max_rows: int = 5000
     max_bytes: int = 16 * 1024 * 1024
@@ -55,11 +57,30 @@ class QuotaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """How every Kafka client authenticates and encrypts: ``protocol`` PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL;
+    SASL needs a mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), a username and a password; TLS verifies the broker
+    against ``ssl_cafile`` (empty = the system store). Checked by ``ingest.security.check_kafka``, turned into client
+    options by ``ingest.security.kafka_security``. Passwords are left out of the repr."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_key_password: str = field(default="", repr=False)
+    ssl_check_hostname: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything ingest needs to run; immutable once built."""
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     database_url: str = "postgresql://127.0.0.1:5432/ingest"
+    maintenance_database_url: str = ""  # the owner's URL for DDL; empty = database_url (see maintenance_url)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "ingest"
     topic_prefix: str = ""
@@ -83,6 +104,21 @@ class Config:
     shutdown_timeout_s: float = 25.0
     log_level: str = "INFO"
     quota: QuotaConfig = field(default_factory=QuotaConfig)
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
+
+    def __repr__(self) -> str:
+        """The generated repr, but with every URL's password masked (a Config may end up in a log or traceback)."""
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown.append(f"{f.name}={redact(value) if isinstance(value, str) else value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def maintenance_url(config: Config) -> str:
+    """The URL for migrations and partition maintenance (the owner role): ``maintenance_database_url``, or
+    ``database_url`` when that is empty. Callers doing DDL must use this, never ``database_url``."""
+    return config.maintenance_database_url or config.database_url
 
 
 def partitions_for(config: Config, stream: str) -> PartitionConfig:

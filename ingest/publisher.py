@@ -1,7 +1,8 @@
 """Publishing events: validate against the contract first, then send keyed by tenant_id.
 
 Rule: an event the consumer would dead-letter for a contract reason is refused here, before it reaches Kafka.
-Values are encoded as compact JSON with orjson, which is also the consumer's fast path.
+Values are encoded as compact JSON with orjson, which is also the consumer's fast path. Build publishers with
+``Publisher.for_config`` so that they use the configured SASL/TLS settings.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from ingest.codec import DecodeLimits, decode
+from ingest.config import Config
 from ingest.contract import Contract
 from ingest.reject import Rejected
-from ingest.services import ServiceUnavailable
+from ingest.security import kafka_security
+from ingest.services import ServiceUnavailable, kafka_starting
 
 
 def encode(event: Mapping[str, Any], contract: Contract, limits: DecodeLimits,
@@ -41,11 +43,19 @@ class Publisher:
         self._bootstrap = bootstrap
         self._pending: list[Any] = []
 
+    @classmethod
+    def for_config(cls, config: Config, *, topic: str, contract: Contract, **producer_options: Any) -> Publisher:
+        """A publisher to ``topic`` on ``config``'s brokers, with its SASL/TLS settings and decode limits."""
+        return cls(bootstrap=config.kafka_bootstrap, topic=topic, contract=contract, limits=config.decode,
+                   **kafka_security(config.kafka_security), **producer_options)
+
     async def __aenter__(self) -> Publisher:
         try:
-            await self._producer.start()
-        except (KafkaError, OSError) as exc:
-            raise ServiceUnavailable("kafka", self._bootstrap, exc) from None
+            async with kafka_starting(self._bootstrap):
+                await self._producer.start()
+        except ServiceUnavailable:
+            await self._producer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

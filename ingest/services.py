@@ -1,40 +1,106 @@
-"""Connections to Postgres, Redis and Kafka, with one-line errors that say which service and how to start it."""
+"""Connections to Postgres, Redis and Kafka, with one-line errors that say which service and what to do.
+
+Rules kept here:
+- Postgres and Redis connections are made from their URL alone (TLS parameters and credentials included); a URL
+  for another database on the same server is derived with ``with_database``, which keeps the query string.
+- ``ServiceUnavailable`` messages are one line and never contain a password (``ingest.security.redact_text``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import ssl
+from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from aiokafka.errors import KafkaError
+from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArgsError
+
+from ingest.security import redact, redact_text
 
 HOW_TO_START = {
     "postgres": "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start "
                 "(or set INGEST_DATABASE_URL)",
     "redis": 'start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" '
              "--appendonly no (or set INGEST_REDIS_URL)",
-    "kafka": "start the embedded broker with: ingest dev up (or set INGEST_KAFKA_BOOTSTRAP)",
+    "kafka": "start the embedded broker with: ingest dev up (or set INGEST_KAFKA_BOOTSTRAP; for TLS or SASL see "
+             "docs/connections.md)",
 }
+TLS_HINT = ("TLS failed: check the CA file (sslrootcert / ssl_ca_certs / INGEST_KAFKA_SSL_CA_FILE) and that the "
+            "server certificate names this host; see docs/connections.md")
+AUTH_HINT = ("the server refused this connection: check the user, the password and the TLS settings (sslmode, "
+             "rediss://, INGEST_KAFKA_SECURITY_PROTOCOL); see docs/connections.md")
+CLOSED_HINT = ("the server closed the connection: if it only accepts TLS, use rediss:// (Redis), sslmode (Postgres) "
+               "or INGEST_KAFKA_SECURITY_PROTOCOL=SSL/SASL_SSL (Kafka); see docs/connections.md")
+_AUTH_TEXT = ("NOAUTH", "WRONGPASS", "SaslAuthenticationFailed", "UnsupportedSaslMechanism", "IllegalSaslState")
+_CLOSED = re.compile(r"reset by peer|closed by server|Connection (?:at \S+ )?closed|EOF occurred|UNEXPECTED_EOF")
+_AUTH_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidAuthorizationSpecificationError, AuthenticationError, AuthenticationWrongNumberOfArgsError)
 
 
 class ServiceUnavailable(Exception):
-    """A required service cannot be reached; ``str()`` is a one-line, actionable message."""
+    """A required service cannot be used; ``str()`` is a one-line, actionable message without secrets."""
 
     def __init__(self, service: str, where: str, error: BaseException | str) -> None:
-        detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}".strip(": ")
-        super().__init__(f"{service} is unreachable at {where} ({detail}); {HOW_TO_START[service]}")
+        detail = redact_text(" ".join((error if isinstance(error, str) else _describe(error)).split()))
+        super().__init__(f"{service} is unreachable at {redact(where)} ({detail}); {_hint(service, error)}")
         self.service = service
 
 
-def redact(url: str) -> str:
-    """``url`` without its password, for logs and messages."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+def _describe(error: BaseException) -> str:
+    name, text = type(error).__name__, str(error).strip()
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
+def _hint(service: str, error: BaseException | str) -> str:
+    text = str(error)
+    if isinstance(error, ssl.SSLError) or "certificate" in text.lower() or "[SSL:" in text:
+        return TLS_HINT
+    if isinstance(error, _AUTH_ERRORS) or any(t in text for t in _AUTH_TEXT):
+        return AUTH_HINT
+    if _CLOSED.search(text):
+        return CLOSED_HINT
+    return HOW_TO_START[service]
+
+
+class _Reasons(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(record.getMessage())
+
+
+@contextlib.asynccontextmanager
+async def kafka_starting(where: str) -> AsyncIterator[None]:
+    """Wrap a Kafka client's ``start()``: a failure becomes ``ServiceUnavailable`` that also carries the reason
+    aiokafka only logs (a refused certificate, a failed SASL login) rather than just "Unable to bootstrap"."""
+    handler = _Reasons()
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(handler)
+    try:
+        yield
+    except (KafkaError, OSError, TimeoutError) as exc:
+        detail = _describe(exc)
+        if handler.seen:
+            detail += f"; {handler.seen[-1]}"
+        raise ServiceUnavailable("kafka", where, detail) from None
+    finally:
+        logger.removeHandler(handler)
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` naming database ``name`` instead, with its credentials and query string (TLS parameters) kept."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -48,10 +114,20 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 4, **kwarg
     try:
         pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection,
                                          command_timeout=60, **kwargs)
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        raise ServiceUnavailable("postgres", redact(url), exc) from None
+    except (TimeoutError, OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ServiceUnavailable("postgres", url, exc) from None
     assert pool is not None
     return pool
+
+
+# Errors that mean "Redis is not answering right now" (callers degrade or back off; anything else is a bug).
+# RuntimeError is here because redis-py under uvloop surfaces a write on a transport the server already closed as
+# "RuntimeError: unable to perform operation on <TCPTransport closed=True ...>" instead of a ConnectionError.
+REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, rx.ReadOnlyError, rx.MasterDownError,
+    rx.ClusterDownError, rx.TryAgainError, rx.OutOfMemoryError, rx.MaxConnectionsError, OSError, TimeoutError,
+    RuntimeError,
+)
 
 
 def redis_client(url: str) -> Redis:
@@ -67,5 +143,9 @@ async def connect_redis(url: str) -> Redis:
         await client.ping()
     except Exception as exc:
         await client.aclose()
-        raise ServiceUnavailable("redis", redact(url), exc) from None
+        raise ServiceUnavailable("redis", url, exc) from None
     return client
+
+
+__all__ = ["REDIS_UNAVAILABLE", "ServiceUnavailable", "connect_redis", "create_pool", "kafka_starting", "redact", "redis_client",
+           "with_database"]
