@@ -30,7 +30,8 @@ from ingest import partitions
 from ingest.config import Config, PartitionConfig, partitions_for
 from ingest.maintenance import TablePolicy
 from ingest.offsets import UNSET
-from ingest.services import ServiceUnavailable, redact
+from ingest.security import kafka_security, redact_text
+from ingest.services import ServiceUnavailable, kafka_starting, redact
 from ingest.sql import ident
 
 QUERY_TIMEOUT_MS = 5000
@@ -60,18 +61,24 @@ class EndOffset:
     listed: int | None
 
 
-async def end_offsets(bootstrap: str, topics: Sequence[str], *, budget_s: float = 5.0) -> dict[str, dict[int, EndOffset]]:
+async def end_offsets(bootstrap: str, topics: Sequence[str], *, budget_s: float = 5.0,
+                      **client_options: Any) -> dict[str, dict[int, EndOffset]]:
     """Per topic and partition: beginning and end offsets (see the module note). Missing topics map to ``{}``.
+    ``client_options`` are extra consumer options: ``kafka_security(...)`` for SASL/TLS brokers.
 
     Raises ``ServiceUnavailable`` when the broker cannot be reached."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                 fetch_max_wait_ms=100, max_partition_fetch_bytes=64 * 1024,
-                                request_timeout_ms=int(budget_s * 1000), client_id="ingest-status")
+                                request_timeout_ms=int(budget_s * 1000), client_id="ingest-status",
+                                **client_options)
     try:
-        await asyncio.wait_for(consumer.start(), budget_s)
+        async with kafka_starting(bootstrap):
+            await asyncio.wait_for(consumer.start(), budget_s)
     except Exception as exc:
         with contextlib.suppress(Exception):
             await consumer.stop()
+        if isinstance(exc, ServiceUnavailable):
+            raise
         raise ServiceUnavailable("kafka", bootstrap, exc) from None
     try:
         present = await consumer.topics()
@@ -110,16 +117,21 @@ async def end_offsets(bootstrap: str, topics: Sequence[str], *, budget_s: float 
             await consumer.stop()
 
 
-async def group_members(bootstrap: str, groups: Sequence[str], *, budget_s: float = 5.0) -> dict[str, dict[str, Any]]:
+async def group_members(bootstrap: str, groups: Sequence[str], *, budget_s: float = 5.0,
+                        **client_options: Any) -> dict[str, dict[str, Any]]:
     """``describe_consumer_groups``: state and members (id, client, host, instance id, assigned partitions).
+    ``client_options`` as for ``end_offsets``.
 
     Tansu answers with member ids and the group state but empty client ids, hosts and assignments; what is
     missing is reported as ``None``."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(budget_s * 1000),
-                                client_id="ingest-status")
+                                client_id="ingest-status", **client_options)
     try:
-        await asyncio.wait_for(admin.start(), budget_s)
+        async with kafka_starting(bootstrap):
+            await asyncio.wait_for(admin.start(), budget_s)
         responses = await asyncio.wait_for(admin.describe_consumer_groups(list(groups)), budget_s)
+    except ServiceUnavailable:
+        raise
     except Exception as exc:
         raise ServiceUnavailable("kafka", bootstrap, exc) from None
     finally:
@@ -152,7 +164,7 @@ async def connect_postgres(url: str, *, budget_s: float = 5.0) -> asyncpg.Connec
                                      server_settings={"statement_timeout": str(QUERY_TIMEOUT_MS),
                                                       "lock_timeout": str(QUERY_TIMEOUT_MS // 2),
                                                       "application_name": "ingest-status"})
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+    except (TimeoutError, OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ServiceUnavailable("postgres", redact(url), exc) from None
     return conn
 
@@ -174,7 +186,8 @@ def lag_of(end: EndOffset | None, stored: int | None) -> int | None:
 async def lag_report(config: Config, selected: Sequence[Stream], *,
                      conn: asyncpg.Connection | None = None) -> dict[str, Any]:
     """Per stream and partition: end offset, stored offset, lag. Raises ``ServiceUnavailable``."""
-    ends = await end_offsets(config.kafka_bootstrap, [s.topic_for(config) for s in selected])
+    ends = await end_offsets(config.kafka_bootstrap, [s.topic_for(config) for s in selected],
+                             **kafka_security(config.kafka_security))
     own = conn is None
     db = conn or await connect_postgres(config.database_url)
     try:
@@ -261,7 +274,7 @@ async def _timed(coro: Any) -> tuple[Any, float]:
 
 def _down(where: str, exc: BaseException) -> dict[str, Any]:
     detail = str(exc) if isinstance(exc, ServiceUnavailable) else f"{type(exc).__name__}: {exc}"
-    return {"ok": False, "where": where, "latency_ms": None, "error": detail}
+    return {"ok": False, "where": redact(where), "latency_ms": None, "error": redact_text(detail)}
 
 
 async def _postgres_part(config: Config, selected: Sequence[Stream], policies_: Sequence[TablePolicy],
@@ -270,6 +283,7 @@ async def _postgres_part(config: Config, selected: Sequence[Stream], policies_: 
     conn = await connect_postgres(config.database_url)
     try:
         _, latency = await _timed(conn.fetchval("SELECT 1"))
+        tls = bool(await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"))
         per: dict[str, Any] = {}
         for s, pol in zip(selected, policies_, strict=True):
             part: dict[str, Any] = {}
@@ -282,7 +296,7 @@ async def _postgres_part(config: Config, selected: Sequence[Stream], policies_: 
             except (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError) as exc:
                 part["error"] = f"a status query gave up ({type(exc).__name__}): a lock or a slow query"
             per[s.name] = part
-        return {"ok": True, "where": where, "latency_ms": latency, "error": None}, per
+        return {"ok": True, "where": where, "latency_ms": latency, "error": None, "tls": tls}, per
     finally:
         await conn.close()
 
@@ -293,21 +307,25 @@ async def _redis_part(config: Config) -> dict[str, Any]:
     try:
         await client.ping()  # connects
         _, latency = await _timed(client.ping())
-        return {"ok": True, "where": where, "latency_ms": latency, "error": None}
+        tls = config.redis_url.startswith("rediss://")
+        return {"ok": True, "where": where, "latency_ms": latency, "error": None, "tls": tls}
     finally:
         await client.aclose()
 
 
 async def _kafka_part(config: Config, selected: Sequence[Stream]) -> tuple[dict[str, Any], Any, Any]:
     t = time.perf_counter()
-    ends = await end_offsets(config.kafka_bootstrap, [s.topic_for(config) for s in selected])
+    security = kafka_security(config.kafka_security)
+    ends = await end_offsets(config.kafka_bootstrap, [s.topic_for(config) for s in selected], **security)
     latency = round((time.perf_counter() - t) * 1000, 2)
     members: dict[str, Any] | str
     try:
-        members = await group_members(config.kafka_bootstrap, [s.group_for(config) for s in selected])
+        members = await group_members(config.kafka_bootstrap, [s.group_for(config) for s in selected], **security)
     except ServiceUnavailable as exc:
         members = str(exc)
-    return {"ok": True, "where": config.kafka_bootstrap, "latency_ms": latency, "error": None}, ends, members
+    sec = config.kafka_security
+    return ({"ok": True, "where": config.kafka_bootstrap, "latency_ms": latency, "error": None,
+             "tls": sec.protocol.endswith("SSL"), "sasl": sec.sasl_mechanism or None}, ends, members)
 
 
 async def snapshot(config: Config, selected: Sequence[Stream], *,
@@ -315,7 +333,9 @@ async def snapshot(config: Config, selected: Sequence[Stream], *,
                    now: datetime | None = None) -> dict[str, Any]:
     """One status document (JSON-ready). Unreachable services are reported, never raised.
 
-    ``services.kafka.latency_ms`` is the time to read the end offsets (connect + metadata + one fetch)."""
+    ``services.kafka.latency_ms`` is the time to read the end offsets (connect + metadata + one fetch).
+    ``services.*.tls`` says whether that connection is encrypted (Postgres: as the server sees it); ``where`` and
+    ``error`` never contain a password."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
     pols = policies(config, selected, per_stream)
     pg, redis_, kafka = await asyncio.gather(
@@ -382,7 +402,7 @@ def render(doc: Mapping[str, Any]) -> str:
     lines = [f"ingest status  {doc['generated_at']}"]
     svc = []
     for name, s in doc["services"].items():
-        svc.append(f"{name} ok {s['latency_ms']} ms" if s["ok"] else f"{name} DOWN")
+        svc.append(f"{name} ok {s['latency_ms']} ms{' tls' if s.get('tls') else ''}" if s["ok"] else f"{name} DOWN")
     lines.append("services: " + " | ".join(svc))
     lines += [f"  {name}: {s['error']}" for name, s in doc["services"].items() if not s["ok"]]
     for name, st in doc["streams"].items():

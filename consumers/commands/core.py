@@ -16,15 +16,15 @@ from typing import Any
 
 import asyncpg
 import orjson
-from tqdm import tqdm
 
 from consumers import report, run, streams
 from ingest import broker
+from ingest import roles as pg_roles
 from ingest.codec import decode
 from ingest.config import Config
 from ingest.publisher import Publisher
 from ingest.reject import Rejected
-from ingest.services import connect_redis, create_pool
+from ingest.services import connect_redis, create_pool, with_database
 
 log = logging.getLogger("ingest.cli")
 EXIT_CIRCUIT_OPEN = 4
@@ -33,8 +33,18 @@ EXIT_CIRCUIT_OPEN = 4
 def register(sub: Any) -> None:
     """Add the core commands to ``sub`` (the ``ingest`` sub-parsers)."""
 
-    sub.add_parser("migrate", help="create the database, apply migrations, create partitions ahead").set_defaults(
-        handler=_migrate)
+    migrate = sub.add_parser(
+        "migrate", help="create the database, apply migrations, create partitions ahead (as the owner: "
+                        "INGEST_MAINTENANCE_DATABASE_URL)")
+    migrate.add_argument("--roles", nargs="?", const="ingest", default=None, metavar="PREFIX",
+                         help="also create or converge the roles PREFIX_owner, PREFIX_writer, PREFIX_reader "
+                              "(default prefix: ingest), hand every object to the owner and grant the writer "
+                              "and reader their privileges; creating roles needs a superuser (docs/security.md)")
+    for kind in ("owner", "writer", "reader"):
+        migrate.add_argument(f"--{kind}-password-file", metavar="FILE", default=None,
+                             help=f"with --roles: set the {kind} role's password from FILE (sent as a "
+                                  "SCRAM-SHA-256 verifier; without it the password is left unchanged)")
+    migrate.set_defaults(handler=_migrate)
 
     topics = sub.add_parser("topics", help="Kafka topics")
     topics_sub = topics.add_subparsers(dest="action", required=True)
@@ -69,8 +79,35 @@ def register(sub: Any) -> None:
 
 
 async def _migrate(args: argparse.Namespace, config: Config) -> int:
-    applied = await run.run_migrations(config)
+    files = {k: getattr(args, f"{k}_password_file") for k in ("owner", "writer", "reader")}
+    if args.roles is None:
+        if any(files.values()):
+            print("ingest: migrate: the password files need --roles", file=sys.stderr)
+            return 2
+        applied = await run.run_migrations(config)
+        print(f"migrations applied: {applied or 'none (up to date)'}; partitions ensured")
+        return 0
+    try:
+        roles = pg_roles.Roles.from_prefix(args.roles)
+        passwords = {k: pg_roles.read_password_file(path) for k, path in files.items() if path}
+    except pg_roles.RoleError as exc:
+        print(f"ingest: migrate: {exc}", file=sys.stderr)
+        return 2
+    report = pg_roles.Report()
+    try:
+        applied = await run.run_migrations(config, roles, passwords, report)
+    except pg_roles.RoleError as exc:
+        print(f"ingest: migrate: {exc}", file=sys.stderr)
+        return 2
+    except asyncpg.InsufficientPrivilegeError as exc:
+        print(f"ingest: migrate --roles: {exc} (creating roles, BYPASSRLS and handing objects over need a "
+              "superuser; see docs/security.md)", file=sys.stderr)
+        return 1
     print(f"migrations applied: {applied or 'none (up to date)'}; partitions ensured")
+    print(f"roles: owner {roles.owner}, writer {roles.writer}, reader {roles.reader}; "
+          f"created: {', '.join(report.created) or 'none'}; altered: {', '.join(report.altered) or 'none'}; "
+          f"passwords set: {', '.join(report.passwords) or 'none'}; "
+          f"objects handed to the owner: {len(report.handed_over)}; privileges granted")
     return 0
 
 
@@ -120,9 +157,10 @@ async def _publish(args: argparse.Namespace, config: Config) -> int:
     source = sys.stdin.buffer if args.file == "-" else Path(args.file).open("rb")  # noqa: SIM115, ASYNC230
     refused: list[tuple[int, str]] = []
     sent = 0
+    from tqdm import tqdm  # only the publish command draws a progress bar: keeps `consume` start-up lean
+
     with source, tqdm(desc=f"publish {stream.topic_for(config)}", unit="ev", file=sys.stderr) as bar:
-        async with Publisher(bootstrap=config.kafka_bootstrap, topic=stream.topic_for(config),
-                             contract=contract, limits=config.decode) as pub:
+        async with Publisher.for_config(config, topic=stream.topic_for(config), contract=contract) as pub:
             for lineno, line in enumerate(source, 1):
                 value = line.rstrip(b"\r\n")
                 if not value.strip():
@@ -156,7 +194,7 @@ async def _dev_up(args: argparse.Namespace, config: Config) -> int:
         _pidfile(config).write_text(str(proc.pid))
         print(f"kafka: started the embedded broker (pid {proc.pid}) on {host}:{port} (in-memory; log "
               "/tmp/ingest-broker.log)")
-    pool = await create_pool(config.database_url.rsplit("/", 1)[0] + "/postgres", max_size=1)
+    pool = await create_pool(with_database(config.database_url, "postgres"), max_size=1)
     await pool.close()
     print("postgres: reachable")
     redis = await connect_redis(config.redis_url)

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-from tqdm import tqdm
 
 from consumers import streams
 from ingest import dlq
 from ingest.config import Config
 from ingest.reject import Reason
-from ingest.services import ServiceUnavailable, create_pool
+from ingest.security import kafka_options
+from ingest.services import ServiceUnavailable, create_pool, kafka_starting
 
 if TYPE_CHECKING:
     from ingest.sql import Conn
@@ -291,15 +290,18 @@ async def _send_all(conn: Conn, table: str, filters: dlq.Filters, config: Config
     if total == 0:
         return sent, failed, by_reason
     largest = await dlq.largest_pending(conn, table)
-    producer = AIOKafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", linger_ms=5,
+    producer = AIOKafkaProducer(**kafka_options(config), acks="all", linger_ms=5,
                                 max_request_size=max(1024 * 1024, largest + 64 * 1024))
     try:
-        await producer.start()
-    except (KafkaError, OSError) as exc:
+        async with kafka_starting(config.kafka_bootstrap):
+            await producer.start()
+    except ServiceUnavailable:
         await producer.stop()
-        raise ServiceUnavailable("kafka", config.kafka_bootstrap, exc) from None
+        raise
     after: dlq.Cursor | None = None
     try:
+        from tqdm import tqdm  # only replay draws a progress bar
+
         with tqdm(total=total, desc="replay", unit="rec", file=sys.stderr) as bar:
             while sent < total:
                 chunk = await dlq.select_for_replay(conn, table, filters, after=after, upto_id=upto,

@@ -13,9 +13,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from consumers import status, streams
+from consumers import run, status, streams
 from ingest import partitions
-from ingest.config import Config
+from ingest.config import Config, maintenance_url
 from ingest.maintenance import Maintenance, Report
 from ingest.services import ServiceUnavailable, create_pool, redact
 from ingest.sql import ident
@@ -69,13 +69,14 @@ def _dumps(obj: Any) -> str:
 # -- partitions -----------------------------------------------------------------------------------------------
 
 async def _pool(config: Config) -> asyncpg.Pool:
-    return await create_pool(config.database_url, max_size=1)
+    """Partition commands run as the owner (``maintenance_url``): they read and change every partition."""
+    return await create_pool(maintenance_url(config), max_size=1)
 
 
 async def _with_schema(config: Config, pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
         if await conn.fetchval("SELECT to_regclass('consumer_offsets')") is None:
-            raise ServiceUnavailable("postgres", redact(config.database_url),
+            raise ServiceUnavailable("postgres", redact(maintenance_url(config)),
                                      "schema missing: run `ingest migrate` first")
 
 
@@ -124,7 +125,7 @@ def _when(iso: str | None) -> str:
 async def _partitions_list(args: argparse.Namespace, config: Config) -> int:
     selected = streams.select(args.stream)
     pols = status.policies(config, selected)
-    conn = await status.connect_postgres(config.database_url)
+    conn = await status.connect_postgres(maintenance_url(config))
     now = datetime.now(UTC)
     try:
         doc: dict[str, Any] = {}
@@ -133,7 +134,7 @@ async def _partitions_list(args: argparse.Namespace, config: Config) -> int:
                 doc[s.name] = {"table": s.table, "partitions": await partition_rows(conn, s.table),
                                "coverage": await status.coverage(conn, s.table, pol, now)}
             except asyncpg.UndefinedTableError:
-                raise ServiceUnavailable("postgres", redact(config.database_url),
+                raise ServiceUnavailable("postgres", redact(maintenance_url(config)),
                                          "schema missing: run `ingest migrate` first") from None
     finally:
         await conn.close()
@@ -158,7 +159,7 @@ async def _partitions_list(args: argparse.Namespace, config: Config) -> int:
 def _maintenance(config: Config, pool: asyncpg.Pool, selected: list[streams.Stream], *, archive: bool = False,
                  export_dir: str | None = None) -> Maintenance:
     return Maintenance(pool, status.policies(config, selected), lock_timeout_ms=config.partitions.lock_timeout_ms,
-                       archive=archive, export_dir=export_dir)
+                       archive=archive, export_dir=export_dir, ledger=run.ledger_policy(config))
 
 
 def _problems(report: Report) -> int:
@@ -209,7 +210,8 @@ async def _partitions_prune(args: argparse.Namespace, config: Config) -> int:
                   f"{'?' if rows is None else rows:>12} rows {_size(info.get('bytes', 0)):>11}")
         for path in plan.exported:
             print(f"  export first: {path}")
-        if args.dry_run or not plan.detached:
+        print(f"dedupe-ledger keys past the window, would delete: {plan.ledger_pruned}")
+        if args.dry_run or not (plan.detached or plan.ledger_pruned):
             return 0
         report = await m.run_once(create=False, prune=True, wait_lock=LOCK_WAIT_S)
     finally:
@@ -218,6 +220,7 @@ async def _partitions_prune(args: argparse.Namespace, config: Config) -> int:
     print(f"{'archived' if args.archive else 'dropped'}: {', '.join(done) or 'none'}")
     for path in report.exported:
         print(f"exported: {path}")
+    print(f"dedupe-ledger keys deleted: {report.ledger_pruned}")
     return _problems(report)
 
 
