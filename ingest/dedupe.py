@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ingest.metrics import Metrics
+from ingest.services import REDIS_UNAVAILABLE
 from ingest.sql import ident
 
 if TYPE_CHECKING:
@@ -27,50 +29,91 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (tenant_id, idempotency_key)
 
-_REMEMBER = """
-local ttl = tonumber(ARGV[1])
-for i = 1, #KEYS do redis.call('SET', KEYS[i], '1', 'EX', ttl) end
-return #KEYS
+# Both scripts take the batch's digests as ONE argument (16 bytes each, concatenated): packing one argument
+# instead of thousands is most of the client-side cost of a batch. Keys are built in the script from the
+# prefix, so these scripts are for a single Redis server (not Redis Cluster).
+_SEEN = """
+local prefix, blob = ARGV[1], ARGV[2]
+local out = {}
+for i = 1, #blob, 16 do
+  out[#out + 1] = redis.call('EXISTS', prefix .. string.sub(blob, i, i + 15))
+end
+return table.concat(out)
 """
+
+_REMEMBER = """
+local prefix, blob, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for i = 1, #blob, 16 do
+  redis.call('SET', prefix .. string.sub(blob, i, i + 15), '1', 'EX', ttl)
+end
+return #blob / 16
+"""
+
+DIGEST_SIZE = 16
+
+
+# A failed hint is harmless (Postgres decides), so any Redis error switches hints off for a while.
+_HINT_ERRORS: tuple[type[BaseException], ...] = (RedisError, *REDIS_UNAVAILABLE)
 
 
 class RedisHints:
-    """Fast-path dedupe hints in Redis; every method degrades to "no information" when Redis fails."""
+    """Fast-path dedupe hints in Redis; every method degrades to "no information" when Redis fails.
 
-    def __init__(self, redis: Redis, *, prefix: str, stream: str, ttl: timedelta, metrics: Metrics) -> None:
+    A key is hinted under ``<prefix>:dd:<stream>:<digest>``; callers hash each key once (``digest``) and pass the
+    digests of a batch to ``seen`` and, after COMMIT, to ``remember``. After a Redis failure the hints are off
+    for ``cooldown_s`` (no call at all), so an unreachable or stalled Redis costs one timeout per cooldown
+    instead of one per batch."""
+
+    def __init__(self, redis: Redis, *, prefix: str, stream: str, ttl: timedelta, metrics: Metrics,
+                 cooldown_s: float = 5.0, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._redis = redis
+        self._cooldown_s, self._monotonic = cooldown_s, monotonic
+        self._off_until = 0.0
         self._prefix = f"{prefix}:dd:{stream}:".encode()
         self._ttl = max(1, int(ttl.total_seconds()))
         self._metrics = metrics
+        self._seen = redis.register_script(_SEEN)
         self._remember = redis.register_script(_REMEMBER)
 
-    def redis_key(self, key: Key) -> bytes:
-        """Unambiguous, fixed-size Redis key for a dedupe key (tenant ids may contain ':')."""
+    @staticmethod
+    def digest(key: Key) -> bytes:
+        """Unambiguous, fixed-size (``DIGEST_SIZE``) hash of a dedupe key (tenant ids may contain ':')."""
         tenant, idem = key
-        digest = hashlib.blake2b(f"{len(tenant)}:{tenant}:{idem}".encode(), digest_size=16).digest()
-        return self._prefix + digest
+        return hashlib.blake2b(f"{len(tenant)}:{tenant}:{idem}".encode(), digest_size=DIGEST_SIZE).digest()
 
-    async def seen(self, keys: Sequence[Key]) -> list[bool]:
-        """One MGET for the whole batch; on any Redis error, report nothing as seen."""
-        if not keys:
-            return []
+    def redis_key(self, key: Key) -> bytes:
+        """The Redis key that hints ``key``."""
+        return self._prefix + self.digest(key)
+
+    async def seen(self, digests: Sequence[bytes]) -> list[bool]:
+        """One script call for the whole batch; on any Redis error, report nothing as seen."""
+        if not digests or self._cooling():
+            return [False] * len(digests)
         try:
-            values = await self._redis.mget([self.redis_key(k) for k in keys])
-        except (RedisError, OSError) as exc:
-            self._metrics.redis_errors.inc()
-            log.warning("redis dedupe lookup failed; Postgres decides", extra={"error": type(exc).__name__})
-            return [False] * len(keys)
-        return [v is not None for v in values]
+            flags = await self._seen(args=[self._prefix, b"".join(digests)])
+        except _HINT_ERRORS as exc:
+            self._failed("lookup", exc)
+            return [False] * len(digests)
+        return [flag == 49 for flag in flags]  # b"1"
 
-    async def remember(self, keys: Sequence[Key]) -> None:
-        """Record keys that are durably in Postgres (call only after COMMIT); errors are logged, not raised."""
-        if not keys:
+    async def remember(self, digests: Sequence[bytes]) -> None:
+        """Record digests of keys that are durably in Postgres (call only after COMMIT); errors are logged, not
+        raised."""
+        if not digests or self._cooling():
             return
         try:
-            await self._remember(keys=[self.redis_key(k) for k in keys], args=[self._ttl])
-        except (RedisError, OSError) as exc:
-            self._metrics.redis_errors.inc()
-            log.warning("redis dedupe hint write failed", extra={"error": type(exc).__name__})
+            await self._remember(args=[self._prefix, b"".join(digests), self._ttl])
+        except _HINT_ERRORS as exc:
+            self._failed("write", exc)
+
+    def _cooling(self) -> bool:
+        return self._monotonic() < self._off_until
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self._metrics.redis_errors.inc()
+        self._off_until = self._monotonic() + self._cooldown_s
+        log.warning("redis dedupe hints failed; Postgres decides alone for a while",
+                    extra={"call": what, "error": type(exc).__name__, "off_for_s": self._cooldown_s})
 
 
 async def claim(

@@ -143,6 +143,7 @@ class Staged:
     prepared: Prepared
     candidates: list[Candidate]
     hinted: int
+    digests: dict[Key, bytes] = field(default_factory=dict)  # Redis hint digest of each key, hashed once
 
 
 class Pipeline:
@@ -178,10 +179,13 @@ class Pipeline:
             reasons = Counter(str(row[1]) for row in prepared.dead_letters)
             self.breaker.check(self.stream, len(records), len(prepared.dead_letters), reasons)
         candidates = prepared.candidates
+        digests: dict[Key, bytes] = {}
         if self.hints is not None and candidates:
-            seen = await self.hints.seen([c.key for c in candidates])
+            digest = self.hints.digest
+            digests = {c.key: digest(c.key) for c in candidates}
+            seen = await self.hints.seen(list(digests.values()))
             candidates = [c for c, s in zip(candidates, seen, strict=True) if not s]
-        return Staged(records, prepared, candidates, len(prepared.candidates) - len(candidates))
+        return Staged(records, prepared, candidates, len(prepared.candidates) - len(candidates), digests)
 
     def restage(self, records: Sequence[Record]) -> Staged:
         """``stage`` for a subset of an already staged batch (no breaker, no Redis: Postgres decides)."""
@@ -199,8 +203,9 @@ class Pipeline:
         if self.hints is not None:
             if self._remembering is not None:
                 await self._remembering  # at most one hint write outstanding
-            keys = [c.key for c in result.stored] + [c.key for c in result.duplicates]
-            self._remembering = asyncio.create_task(self.hints.remember(keys))
+            known, digest = staged.digests, self.hints.digest
+            digests = [known.get(c.key) or digest(c.key) for c in (*result.stored, *result.duplicates)]
+            self._remembering = asyncio.create_task(self.hints.remember(digests))
         outcome = Outcome(
             stored=len(result.stored),
             duplicates=prepared.in_batch_duplicates + staged.hinted + len(result.duplicates),
@@ -271,9 +276,7 @@ class Pipeline:
         m.batch_write.labels(s).observe(outcome.write_seconds)
         now = time.time()
         latencies = [max(0.0, now - c.row[-3].timestamp()) for c in result.stored]
-        latency = m.latency.labels(s)
-        for value in latencies:
-            latency.observe(value)
+        m.latency.observe_many((s,), latencies)
         if self.on_commit is not None:
             self.on_commit(outcome, latencies)
         # Per tenant (bounded label, see Metrics.observe_tenants). Every record counted above is attributed, so

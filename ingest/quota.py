@@ -29,6 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from ingest.metrics import Metrics
+from ingest.services import REDIS_UNAVAILABLE
 from ingest.sql import ident
 
 if TYPE_CHECKING:
@@ -348,10 +349,6 @@ def group_by_slot(keys: Sequence[str]) -> dict[int, list[int]]:
 
 
 # -- the stage -------------------------------------------------------------------------------------------------
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, rx.ReadOnlyError, rx.MasterDownError,
-    rx.ClusterDownError, rx.TryAgainError, rx.OutOfMemoryError, rx.MaxConnectionsError, OSError, TimeoutError,
-)
 
 
 class LocalLimiter:
@@ -436,7 +433,7 @@ class RedisQuota:
             started = time.perf_counter()
             result = await self._evaluate(batch)
             self.metrics.quota_check.labels(self.stream).observe(time.perf_counter() - started)
-        except _UNAVAILABLE as exc:
+        except REDIS_UNAVAILABLE as exc:
             self._enter_outage(exc)
             if not self.fail_open:
                 raise
