@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from ingest.config import Config
 from ingest.metrics import Metrics
 from ingest.pipeline import Outcome, Pipeline, Staged
 from ingest.retry import Backoff, component_of
+from ingest.security import kafka_security
+from ingest.services import kafka_starting
 
 log = logging.getLogger(__name__)
 
@@ -184,30 +188,44 @@ class StreamConsumer:
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_wait_ms=100,  # an idle long-poll must not hold new records back for the 500 ms default
             fetch_max_bytes=max(batch.max_bytes, 8 * 1024 * 1024),
-            client_id=f"ingest-{self.stream}",
+            # One client id per process, so operators (and the fault proxy) can tell group members apart.
+            client_id=f"ingest-{self.stream}-{self.config.instance_id or f'{socket.gethostname()}-{os.getpid()}'}",
         )
         if self.config.instance_id:
             kwargs["group_instance_id"] = f"{self.config.instance_id}-{self.stream}"
+        kwargs.update(kafka_security(self.config.kafka_security))
         kwargs.update(self.config_overrides())
         return AIOKafkaConsumer(**kwargs)
 
     def config_overrides(self) -> dict[str, Any]:
-        """Extra aiokafka options (security settings) supplied by the caller; none by default."""
+        """Extra aiokafka options supplied by a subclass; none by default (SASL/TLS come from the config)."""
         return {}
 
-    async def run(self, stop: asyncio.Event, *, drain: bool = False) -> Totals:
-        """Consume until ``stop`` is set or, with ``drain``, until caught up. Returns the totals."""
+    async def run(self, stop: asyncio.Event, *, drain: bool = False, ready: asyncio.Event | None = None) -> Totals:
+        """Consume until ``stop`` is set or, with ``drain``, until caught up. Returns the totals.
+
+        With ``ready``, the group join starts at once but nothing is positioned or read before ``ready`` is set:
+        the caller's own start-up work (schema check, partitions) overlaps the join instead of preceding it."""
         consumer = self.build_consumer()
         self.consumer = consumer
         consumer.subscribe([self.topic], listener=_Listener(self))
-        await consumer.start()
+        try:
+            async with kafka_starting(self.config.kafka_bootstrap):  # a failure: one-line ServiceUnavailable
+                await consumer.start()
+        except BaseException:  # failed or cancelled mid-start: release its connections and tasks
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise
         pending: tuple[asyncio.Task[None], Staged, dict[int, int]] | None = None  # the write in flight
         try:
+            while ready is not None and not ready.is_set() and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), 0.05)
             while not stop.is_set():
                 self.state.last_turn = self.clock()
                 if self._unpositioned and not await self._retrying(consumer, stop, lambda: self._position(consumer)):
                     break
-                records, epochs = await self._collect(consumer, stop)
+                records, epochs = await self._collect(consumer, stop, pending[0] if pending is not None else None)
                 staged = None
                 if records:
                     try:
@@ -245,8 +263,13 @@ class StreamConsumer:
             self.metrics.assigned.labels(self.stream).set(0)
         return self.totals
 
-    async def _collect(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> tuple[list[Any], dict[int, int]]:
-        """Records for one batch, and the position epoch of each partition they came from."""
+    async def _collect(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
+                       in_flight: asyncio.Task[None] | None) -> tuple[list[Any], dict[int, int]]:
+        """Records for one batch, and the position epoch of each partition they came from.
+
+        A batch closes at the row, byte or age limit, or as soon as it has records and no write is in flight
+        (``in_flight`` is None or done): waiting longer then only adds latency. While the previous batch is being
+        written, records accumulate, so batches grow with load by themselves (group commit)."""
         limits = self.config.batch
         epochs: dict[int, int] = {}
         max_age = limits.max_age.total_seconds()
@@ -273,6 +296,8 @@ class StreamConsumer:
             if not records:
                 break
             if len(records) >= limits.max_rows or size >= limits.max_bytes or self.clock() - (started or 0) >= max_age:
+                break
+            if in_flight is None or in_flight.done():
                 break
         # A partition re-positioned while we collected: its records here are stale (it will be re-read).
         stale = {p for p, e in epochs.items() if self._epoch.get(p, 0) != e}
@@ -301,7 +326,8 @@ class StreamConsumer:
             async with self.pool.acquire() as conn:
                 outcome = await self.pipeline.commit(conn, staged, expected)
             for p, nxt in staged.prepared.advance.items():
-                self._positions[p] = max(self._positions[p], nxt)
+                if p in self._positions:  # else revoked while we wrote (on_revoked's wait ran out): stays forgotten
+                    self._positions[p] = max(self._positions[p], nxt)
         self.totals.add(outcome)
         self._after_commit(consumer)
 
@@ -342,6 +368,8 @@ class StreamConsumer:
                     raise exc
                 await action()
             except (offsets.Fenced, CircuitOpen):
+                if attempt:
+                    self._set_paused(consumer, None)  # the fault is over; the caller handles the fence
                 raise
             except Exception as exc:
                 component = component_of(exc)

@@ -71,10 +71,15 @@ def _is_data_error(exc: BaseException) -> bool:
 class Writer:
     """Writes batches for one stream; safe to share between batches, not between concurrent transactions."""
 
+    IDLE_TIMEOUT_MS = 60_000
+    """A batch transaction left idle this long (its process died, hung or lost its network) is ended by the
+    server, so it cannot hold its partitions' offset rows, and with them the next owner, for hours."""
+
     def __init__(self, *, stream: str, group: str, topic: str, tables: Tables, window: timedelta,
-                 quota: Quota) -> None:
+                 quota: Quota, idle_timeout_ms: int = IDLE_TIMEOUT_MS) -> None:
         self.stream, self.group, self.topic = stream, group, topic
         self.tables, self.window, self.quota = tables, window, quota
+        self.idle_timeout = str(int(idle_timeout_ms))
 
     async def write(
         self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
@@ -97,6 +102,9 @@ class Writer:
     ) -> WriteResult:
         result = WriteResult()
         async with conn.transaction():
+            # Transaction-scoped (safe behind a transaction-mode pooler); see IDLE_TIMEOUT_MS.
+            await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', $1, true)",
+                               self.idle_timeout)
             await offsets.fence_and_advance(conn, self.tables.offsets, self.group, self.topic, expected, advance)
             new = await dedupe.claim(conn, self.tables.ledger, self.stream, [c.key for c in candidates], self.window)
             fresh: list[Candidate] = []

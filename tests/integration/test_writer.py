@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -117,3 +118,49 @@ async def test_dedupe_window_and_quota_hook(config: Config, pool: asyncpg.Pool) 
         await conn.execute("UPDATE dedupe_keys SET seen_at = now() - interval '8 days'")
         _, late = await write(config, conn, writer(config), records(config, batch, start=40), {0: 40})
         assert len(late.stored) == 20
+
+
+class StallingQuota:
+    """Answers only after ``seconds``: the batch transaction sits idle in the meantime (a hung process)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def admit(self, tenants: Sequence[str]) -> list[bool]:
+        await asyncio.sleep(self.seconds)
+        return [True] * len(tenants)
+
+
+async def test_an_idle_batch_transaction_is_ended_by_the_server_and_frees_its_offset_rows(
+        config: Config, pool: asyncpg.Pool, db: asyncpg.Connection) -> None:
+    group, topic = STREAM.group_for(config), STREAM.topic_for(config)
+    hung = Writer(stream=STREAM.name, group=group, topic=topic, tables=STREAM.tables(), window=timedelta(days=7),
+                  quota=StallingQuota(3.0), idle_timeout_ms=500)
+    async with pool.acquire() as conn:
+        start = await offsets.load(conn, "consumer_offsets", group, topic, [0])
+        task = asyncio.create_task(write(config, conn, hung, records(config, events(5)), start))
+        await asyncio.sleep(1.5)  # the fence locked the offset row, then the transaction went idle
+        # The server ended it: the next owner gets the row at once, unchanged.
+        async with db.transaction():
+            row = await db.fetchval("SELECT next_offset FROM consumer_offsets WHERE partition = 0 FOR UPDATE NOWAIT")
+        assert row == offsets.UNSET
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+            await task
+    assert await db.fetchval("SELECT count(*) FROM webhook_events") == 0
+
+
+async def test_batch_transactions_carry_the_idle_timeout(config: Config, pool: asyncpg.Pool) -> None:
+    seen: list[str] = []
+
+    class Probe:
+        async def admit(self, tenants: Sequence[str]) -> list[bool]:  # runs inside the batch transaction
+            seen.append(await conn.fetchval("SHOW idle_in_transaction_session_timeout"))
+            return [True] * len(tenants)
+
+    async with pool.acquire() as conn:
+        start = await offsets.load(conn, "consumer_offsets", STREAM.group_for(config), STREAM.topic_for(config), [0])
+        w = Writer(stream=STREAM.name, group=STREAM.group_for(config), topic=STREAM.topic_for(config),
+                   tables=STREAM.tables(), window=timedelta(days=7), quota=Probe())
+        await write(config, conn, w, records(config, events(3)), start)
+        assert seen == ["1min"]
+        assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "0"  # only inside the batch

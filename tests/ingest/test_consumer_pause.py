@@ -1,0 +1,77 @@
+"""A retried write that ends fenced (its first attempt committed but the answer was lost) must lift the pause
+the retry set: ``ingest_paused`` and the /healthz ``paused`` field must not stay on after recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from ingest import offsets
+from ingest.config import Config
+from ingest.consumer import StreamConsumer
+from ingest.metrics import Metrics
+from ingest.pipeline import Prepared, SimpleRecord, Staged
+
+TOPIC = "events.webhook"
+
+
+class FakeKafka:
+    def __init__(self) -> None:
+        self.paused: set[int] = set()
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(TOPIC, 0)}
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused |= {tp.partition for tp in tps}
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused -= {tp.partition for tp in tps}
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, Any]:
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+
+class AmbiguousThenFenced:
+    """First commit: the connection dies (the server did commit); the retry finds the offsets moved."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def commit(self, conn: Any, staged: Staged, expected: dict[int, int]) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise ConnectionResetError("connection lost during COMMIT")
+        raise offsets.Fenced([0])
+
+
+class FakePool:
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[None]:
+        yield None
+
+
+async def test_fenced_retry_lifts_the_pause() -> None:
+    metrics = Metrics()
+    pipeline = AmbiguousThenFenced()
+    sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
+                        pool=FakePool(), metrics=metrics, offsets_table="consumer_offsets")  # type: ignore[arg-type]
+    kafka = FakeKafka()
+    sc._positions, sc._cursor, sc._epoch = {0: 10}, {0: 15}, {0: 1}
+    prepared = Prepared()
+    prepared.advance = {0: 15}
+    staged = Staged([SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(10, 15)], prepared, [], 0)
+
+    task: asyncio.Task[None] = asyncio.create_task(sc._write(kafka, staged, {0: 1}))  # type: ignore[arg-type]
+    await sc._settle(kafka, asyncio.Event(), task, staged, {0: 1})  # type: ignore[arg-type]
+
+    assert pipeline.calls == 2
+    assert metrics.registry.get_sample_value("ingest_fenced_batches_total", {"stream": "webhook"}) == 1
+    assert sc.state.paused_reason is None
+    assert metrics.registry.get_sample_value("ingest_paused", {"stream": "webhook", "reason": "postgres"}) == 0
+    assert 0 in sc._unpositioned and kafka.paused == {0}  # paused only until re-positioned from Postgres

@@ -1,0 +1,62 @@
+"""A write that lands after its partitions were revoked (the bounded wait in ``on_revoked`` ran out, e.g. a COPY
+slower than the rebalance) must complete quietly: no KeyError reported as a transient failure and retried."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from ingest.config import Config
+from ingest.consumer import StreamConsumer
+from ingest.metrics import Metrics
+from ingest.pipeline import Outcome, Prepared, SimpleRecord, Staged
+
+TOPIC = "events.webhook"
+
+
+class FakeKafka:
+    def assignment(self) -> set[TopicPartition]:
+        return set()
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return None
+
+    async def commit(self, offsets: Any) -> None: ...
+
+
+class RevokedDuringCommit:
+    """Commits, but the partitions are forgotten meanwhile (what ``on_revoked`` does after its wait timed out)."""
+
+    def __init__(self, sc: StreamConsumer) -> None:
+        self.sc = sc
+
+    async def commit(self, conn: Any, staged: Staged, expected: dict[int, int]) -> Outcome:
+        for p in expected:
+            self.sc._forget(p)
+        return Outcome(stored=5, duplicates=0, rejected=0, quota_exceeded=0, write_seconds=0.0)
+
+
+class FakePool:
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[None]:
+        yield None
+
+
+async def test_write_landing_after_revocation_does_not_fail() -> None:
+    sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=None,  # type: ignore[arg-type]
+                        pool=FakePool(), metrics=Metrics(), offsets_table="consumer_offsets")  # type: ignore[arg-type]
+    sc.pipeline = RevokedDuringCommit(sc)  # type: ignore[assignment]
+    sc._positions, sc._cursor, sc._epoch = {0: 10}, {0: 15}, {0: 1}
+    records = [SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(10, 15)]
+    prepared = Prepared()
+    prepared.advance = {0: 15}
+
+    await sc._write(FakeKafka(), Staged(records, prepared, [], 0), {0: 1})  # type: ignore[arg-type]
+
+    assert 0 not in sc._positions, "a revoked partition must stay forgotten (its next owner positions it)"
+    assert sc.totals.stored == 5 and sc.totals.batches == 1
+    await asyncio.sleep(0)
