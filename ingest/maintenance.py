@@ -10,6 +10,9 @@ Rules kept here:
 - Export (optional) streams ``COPY (SELECT * FROM part) TO STDOUT`` (CSV with header) into
   ``<export_dir>/<table>_pYYYYMMDD.csv.gz`` before the partition is detached; a failed export keeps it.
 - Rows in the DEFAULT partition are counted every round (``Report.default_rows``; the optional gauge is set).
+- The dedupe ledger (optional ``ledger``) loses keys older than its window, in chunks of ``chunk`` rows per
+  transaction and at most ``budget_s`` seconds per round (the next round goes on). A key past the window already
+  counts as new when it comes again, so deleting it changes no verdict; it only stops the ledger growing forever.
 """
 
 from __future__ import annotations
@@ -52,6 +55,15 @@ class TablePolicy(NamedTuple):
     premake: timedelta = timedelta(days=7)
 
 
+class LedgerPolicy(NamedTuple):
+    """Expiry of the dedupe ledger: rows with ``seen_at`` older than ``window`` are deleted."""
+
+    table: str
+    window: timedelta
+    chunk: int = 5000
+    budget_s: float = 10.0
+
+
 @dataclass(slots=True)
 class Report:
     """What one round did (or, with ``dry_run``, would do). Names are partition table names."""
@@ -63,6 +75,7 @@ class Report:
     archived: list[str] = field(default_factory=list)
     exported: list[str] = field(default_factory=list)
     default_rows: dict[str, int] = field(default_factory=dict)
+    ledger_pruned: int = 0  # expired ledger keys deleted (with ``dry_run``: how many are expired)
     lock_timeouts: int = 0
     errors: list[str] = field(default_factory=list)
     skipped: bool = False  # another process held the maintenance lock
@@ -85,6 +98,8 @@ class _Metrics:
         self.ahead = Gauge("ingest_partition_coverage_ahead_seconds",
                            "End of the last partition minus now (should stay above a day).", ["table"],
                            registry=registry)
+        self.ledger_pruned = Counter("ingest_ledger_pruned", "Expired dedupe-ledger keys deleted.",
+                                     registry=registry)
         self.last_success = Gauge("ingest_partition_maintenance_last_success_timestamp_seconds",
                                   "Unix time of the last completed maintenance round.", registry=registry)
 
@@ -106,8 +121,10 @@ class Maintenance:
         registry: CollectorRegistry | None = None,
         default_rows_gauge: Gauge | None = None,
         lock_key: int = LOCK_KEY,
+        ledger: LedgerPolicy | None = None,
     ) -> None:
         self.pool = pool
+        self.ledger = ledger
         self.tables = [TablePolicy(*t) for t in tables]
         for t in self.tables:
             if t.granularity not in partitions.GRANULARITIES:
@@ -145,6 +162,8 @@ class Maintenance:
             if dry_run:
                 for policy in self.tables:
                     await self._table(conn, policy, report, create=create, prune=prune, dry_run=True)
+                if prune and self.ledger is not None:
+                    await self._prune_ledger(conn, self.ledger, report, dry_run=True)
                 return report
             if not await self._lock(conn, wait_lock):
                 report.skipped = True
@@ -157,6 +176,11 @@ class Maintenance:
                 await conn.execute(f"SET lock_timeout = {self.lock_timeout_ms}")
                 for policy in self.tables:
                     await self._table(conn, policy, report, create=create, prune=prune, dry_run=False)
+                if prune and self.ledger is not None:
+                    try:
+                        await self._prune_ledger(conn, self.ledger, report, dry_run=False)
+                    except asyncpg.LockNotAvailableError:
+                        self._lock_timeout(report, self.ledger.table, "prune ledger")
             finally:
                 # A dead connection holds no lock; a live one is also reset (unlock_all) by the pool on release.
                 with contextlib.suppress(Exception):
@@ -164,10 +188,11 @@ class Maintenance:
         if self.metrics:
             self.metrics.runs.labels("ok").inc()
             self.metrics.last_success.set(time.time())
-        if report.created or report.detached or report.lock_timeouts or report.errors:
+        if report.created or report.detached or report.ledger_pruned or report.lock_timeouts or report.errors:
             log.info("partition maintenance", extra={
                 "created": report.created, "dropped": report.dropped, "archived": report.archived,
-                "exported": report.exported, "lock_timeouts": report.lock_timeouts, "errors": report.errors})
+                "exported": report.exported, "ledger_pruned": report.ledger_pruned,
+                "lock_timeouts": report.lock_timeouts, "errors": report.errors})
         return report
 
     async def _lock(self, conn: Conn, wait: float) -> bool:
@@ -211,6 +236,30 @@ class Maintenance:
             have = await partitions.existing(conn, table)  # catalog only: takes no table lock
             if have:
                 self.metrics.ahead.labels(table).set((have[-1].end - now).total_seconds())
+
+    async def _prune_ledger(self, conn: Conn, policy: LedgerPolicy, report: Report, *, dry_run: bool) -> None:
+        """Delete ledger keys older than the window, ``chunk`` per transaction, for at most ``budget_s``."""
+        table = ident(policy.table)
+        cutoff = self.clock().astimezone(UTC) - policy.window
+        if dry_run:
+            report.ledger_pruned = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE seen_at < $1", cutoff)
+            return
+        deadline = time.monotonic() + policy.budget_s
+        while True:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {self.lock_timeout_ms}")
+                deleted = await conn.fetchval(
+                    f"""WITH gone AS (
+                            DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+                                SELECT ctid FROM {table} WHERE seen_at < $1 LIMIT $2))
+                            RETURNING 1)
+                        SELECT count(*) FROM gone""",
+                    cutoff, policy.chunk)
+            report.ledger_pruned += deleted
+            if self.metrics and deleted:
+                self.metrics.ledger_pruned.inc(deleted)
+            if deleted < policy.chunk or time.monotonic() >= deadline:
+                return
 
     def _lock_timeout(self, report: Report, table: str, step: str) -> None:
         report.lock_timeouts += 1

@@ -1,4 +1,5 @@
-"""The per-tenant counter: bounded tenant label, totals preserved, labels never churn; and its pipeline hook."""
+"""The per-tenant counter: bounded tenant label, totals preserved, labels never churn; and its pipeline hook.
+The batch-fed latency histogram."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import random
 from collections import Counter
 from datetime import UTC, datetime
 
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
 from ingest.codec import DecodeLimits
-from ingest.metrics import Metrics
+from ingest.metrics import LATENCY_BUCKETS, BatchHistogram, Metrics
 from ingest.pipeline import Outcome, Pipeline, Prepared, Staged
 from ingest.writer import Candidate, WriteResult
 
@@ -146,3 +150,29 @@ def test_pipeline_attributes_every_outcome_to_a_tenant() -> None:
     for name, want in (("stored", 1), ("duplicate", 4), ("rejected", 3), ("quota_exceeded", 1)):
         assert sum(v for (_, _, o), v in got.items() if o == name) == want
         assert m.registry.get_sample_value("ingest_events_total", {"stream": "webhook", "outcome": name}) == want
+
+
+def _exposition(registry: CollectorRegistry) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f"{s.name}{sorted(s.labels.items())}": s.value
+            for fam in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in fam.samples if not s.name.endswith("_created")}
+
+
+def test_batch_histogram_exposes_what_a_histogram_fed_value_by_value_would() -> None:
+    rng = random.Random(7)
+    batches = [[rng.expovariate(4) for _ in range(rng.randint(0, 300))] for _ in range(20)]
+    batches.append([0.005, 0.25, 1.0, 60.0, 61.0, 0.0])  # on the bucket bounds, and beyond the last
+    one_by_one, batched = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("t_seconds", "doc", ["stream"], buckets=LATENCY_BUCKETS, registry=one_by_one)
+    histogram = BatchHistogram("t_seconds", "doc", ["stream"], buckets=LATENCY_BUCKETS, registry=batched)
+    for i, batch in enumerate(batches):
+        stream = "a" if i % 3 else "b"
+        for value in batch:
+            reference.labels(stream).observe(value)
+        histogram.observe_many((stream,), batch)
+    want, got = _exposition(one_by_one), _exposition(batched)
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value), name

@@ -8,6 +8,9 @@ import csv
 import gzip
 import io
 import itertools
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -18,10 +21,10 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumers import streams
-from ingest import partitions
+from consumers import run, streams
+from ingest import dedupe, partitions
 from ingest.config import Config
-from ingest.maintenance import Maintenance, TablePolicy
+from ingest.maintenance import LedgerPolicy, Maintenance, TablePolicy
 from ingest.metrics import Metrics
 from ingest.services import create_pool
 from tests.integration.helpers import drain, publish_raw
@@ -330,3 +333,69 @@ async def test_run_forever_repeats_until_stopped_and_survives_failures(config: C
         stop.set()
         await asyncio.wait_for(task, 5)
         await pool.close()
+
+
+async def test_ledger_keys_past_the_window_are_deleted_in_chunks_and_no_verdict_changes(
+        pool: asyncpg.Pool, db: asyncpg.Connection) -> None:
+    """Keys older than the dedupe window go (in several chunks, with a metric); younger keys stay; a key that
+    returns after its expiry is stored again exactly as it would have been before the delete."""
+    ledger = streams.WEBHOOK.tables().ledger
+    await db.execute(
+        f"""INSERT INTO {ledger} (stream, tenant_id, idempotency_key, seen_at)
+            SELECT 'webhook', 'org-1', 'old-' || g, $1::timestamptz - g * interval '1 second'
+            FROM generate_series(1, 2500) AS g""", NOW - timedelta(days=8))
+    await db.execute(
+        f"""INSERT INTO {ledger} (stream, tenant_id, idempotency_key, seen_at)
+            SELECT 'webhook', 'org-1', 'young-' || g, $1::timestamptz FROM generate_series(1, 700) AS g""",
+        NOW - timedelta(days=6))
+    policy = LedgerPolicy(ledger, timedelta(days=7), chunk=1000)
+    registry = CollectorRegistry()
+    m = Maintenance(pool, [], clock=clock(), ledger=policy, registry=registry)
+    preview = await m.run_once(dry_run=True)
+    assert preview.ledger_pruned == 2500
+    assert await db.fetchval(f"SELECT count(*) FROM {ledger}") == 3200  # a dry run deletes nothing
+    report = await m.run_once()
+    assert report.ledger_pruned == 2500
+    assert registry.get_sample_value("ingest_ledger_pruned_total") == 2500
+    left = await db.fetch(f"SELECT idempotency_key FROM {ledger}")
+    assert len(left) == 700 and all(r[0].startswith("young-") for r in left)
+    assert (await m.run_once()).ledger_pruned == 0
+    async with db.transaction():  # an expired key that comes back is new, as it was before the delete
+        new = await dedupe.claim(db, ledger, "webhook", [("org-1", "old-1"), ("org-1", "young-1")],
+                                 timedelta(days=7))
+    assert new == {("org-1", "old-1")}
+
+    # Budget: with no time left after the first chunk, a round deletes one chunk and the next goes on.
+    await db.execute(
+        f"""INSERT INTO {ledger} (stream, tenant_id, idempotency_key, seen_at)
+            SELECT 'webhook', 'org-2', 'old-' || g, $1::timestamptz FROM generate_series(1, 2500) AS g""",
+        NOW - timedelta(days=30))
+    hurried = Maintenance(pool, [], clock=clock(), ledger=policy._replace(budget_s=0.0))
+    assert (await hurried.run_once()).ledger_pruned == 1000
+    assert (await hurried.run_once()).ledger_pruned == 1000
+    assert (await hurried.run_once()).ledger_pruned == 500
+
+
+async def test_cli_prune_and_the_consumers_maintenance_expire_the_ledger(env: dict[str, str], config: Config,
+                                                                         db: asyncpg.Connection) -> None:
+    ledger = streams.WEBHOOK.tables().ledger
+    await db.execute(
+        f"""INSERT INTO {ledger} (stream, tenant_id, idempotency_key, seen_at)
+            SELECT 'audit', 'org-1', 'k' || g, now() - interval '30 days' FROM generate_series(1, 40) AS g""")
+    cli = [sys.executable, "-m", "consumers.cli", "partitions", "prune"]
+    out = await asyncio.to_thread(subprocess.run, [*cli, "--dry-run"], env={**os.environ, **env},
+                                  capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "dedupe-ledger keys past the window, would delete: 40" in out.stdout
+    assert await db.fetchval(f"SELECT count(*) FROM {ledger}") == 40
+    out = await asyncio.to_thread(subprocess.run, cli, env={**os.environ, **env}, capture_output=True, text=True,
+                                  timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "dedupe-ledger keys deleted: 40" in out.stdout
+    assert await db.fetchval(f"SELECT count(*) FROM {ledger}") == 0
+
+    rt = await run.open_runtime(config)
+    try:
+        assert run.maintenance(config, rt).ledger == LedgerPolicy(ledger, config.dedupe.window)
+    finally:
+        await rt.aclose()
