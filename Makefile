@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test test-all lint services clean
+.PHONY: setup demo test quick lint services clean
 
 $(BIN)/ingest: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,14 @@ demo: setup ## embedded broker + migrate + publish a sample + drain + summary
 	$(BIN)/ingest dev up
 	$(BIN)/ingest demo
 
-test: setup ## lint, then unit and integration tests (starts Postgres/Redis when they are down)
+test: setup ## lint, then unit, integration and fault-injection tests (starts Postgres/Redis when they are down)
 	scripts/ensure-services
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/pytest --faults
+
+quick: setup ## unit and integration tests only (no lint, no fault-injection suite)
+	scripts/ensure-services
 	$(BIN)/pytest
 
 lint: setup

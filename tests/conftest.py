@@ -1,16 +1,66 @@
-"""Shared test configuration: tests under tests/integration need real Postgres, Redis and the broker."""
+"""Shared test configuration.
+
+Tests under tests/integration and tests/faults need real Postgres, Redis and the Kafka-protocol broker; one
+embedded broker is started per session. The fault-injection suite (tests/faults) is slow and runs only with
+``--faults`` (``make test`` and CI pass it; a bare ``pytest`` is the quick run).
+"""
 
 from __future__ import annotations
 
+import gc
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ingest import broker as broker_mod
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--faults", action="store_true", default=False,
+                     help="also run the fault-injection suite in tests/faults (slow; CI runs it)")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_faults = bool(config.getoption("--faults"))
+    skip_faults = pytest.mark.skip(reason="fault-injection suite: run with --faults (make test does)")
     for item in items:
         parts = Path(str(item.fspath)).parts
         if "integration" in parts:
             item.add_marker(pytest.mark.integration)
         if "faults" in parts:
             item.add_marker(pytest.mark.faults)
+            if not run_faults:
+                item.add_marker(skip_faults)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Collect garbage before the summary, so a client some test left unclosed is reported above pytest's last
+    line (CI reads that line) rather than at interpreter exit."""
+    gc.collect()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    """Bootstrap address of a Tansu broker started for this test session (TEST_KAFKA_BOOTSTRAP overrides)."""
+    if os.environ.get("TEST_KAFKA_BOOTSTRAP"):
+        yield os.environ["TEST_KAFKA_BOOTSTRAP"]
+        return
+    port = free_port()
+    log = os.path.join(tempfile.gettempdir(), f"ingest-test-broker-{port}.log")
+    proc = broker_mod.start_embedded("127.0.0.1", port, log_path=log)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -4,8 +4,6 @@ prefix, consumer-group prefix and Redis key prefix, all removed afterwards."""
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -20,28 +18,6 @@ from tests.integration import helpers
 
 PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def broker() -> Iterator[str]:
-    """Bootstrap address of a Tansu broker started for this test session (TEST_KAFKA_BOOTSTRAP overrides)."""
-    if os.environ.get("TEST_KAFKA_BOOTSTRAP"):
-        yield os.environ["TEST_KAFKA_BOOTSTRAP"]
-        return
-    port = free_port()
-    log = os.path.join(tempfile.gettempdir(), f"ingest-test-broker-{port}.log")
-    proc = broker_mod.start_embedded("127.0.0.1", port, log_path=log)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
