@@ -29,10 +29,12 @@ from tqdm import tqdm
 from consumers import run, sample, streams
 from consumers.report import HOSTILE
 from ingest.broker import delete_topics
-from ingest.config import Config
+from ingest.config import Config, KafkaSecurity
 from ingest.consumer import Totals
 from ingest.pipeline import Outcome, SimpleRecord, prepare
-from ingest.services import create_pool, redis_client
+from ingest.security import kafka_security
+from ingest.services import create_pool, redis_client, with_database
+from ingest.sql import ident
 
 
 @dataclass
@@ -88,12 +90,13 @@ def _values(opts: BenchOptions) -> Any:
             yield key, orjson.dumps(event)
 
 
-async def _produce(bootstrap: str, topic: str, opts: BenchOptions, progress: bool) -> int:
+async def _produce(bootstrap: str, topic: str, opts: BenchOptions, progress: bool,
+                   security: KafkaSecurity | None = None) -> int:
     """Backlog: records go straight into per-partition batches (murmur2 of the key, like Kafka's default
     partitioner). Rate: ordinary keyed sends with a 5 ms linger, paced to ``opts.rate`` (the Kafka timestamp is
     taken when a record is handed to the producer, so latency includes the producer's linger)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5 if opts.rate else 20,
-                                max_batch_size=1 << 20)
+                                max_batch_size=1 << 20, **kafka_security(security or KafkaSecurity()))
     await producer.start()
     sent = 0
     try:
@@ -134,9 +137,10 @@ async def _produce(bootstrap: str, topic: str, opts: BenchOptions, progress: boo
     return sent
 
 
-def _produce_in_child(bootstrap: str, topic: str, opts: BenchOptions, progress: bool,
-                      out: Any) -> None:
-    out.put(asyncio.run(_produce(bootstrap, topic, opts, progress)))
+def _produce_in_child(bootstrap: str, topic: str, opts: BenchOptions, progress: bool, out: Any,
+                      security: KafkaSecurity) -> None:
+    # The security settings travel as the (picklable) dataclass; the SSL context is built in the child.
+    out.put(asyncio.run(_produce(bootstrap, topic, opts, progress, security)))
 
 
 async def _ceiling(config: Config, stream: streams.Stream, opts: BenchOptions, limit: int) -> float:
@@ -166,9 +170,9 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
     uid = uuid.uuid4().hex[:8]
     db = f"ingest_bench_{uid}"
     config = dataclasses.replace(
-        base, database_url=base.database_url.rsplit("/", 1)[0] + f"/{db}", topic_prefix=f"bench_{uid}.",
+        base, database_url=with_database(base.database_url, db), topic_prefix=f"bench_{uid}.",
         group_prefix=f"bench_{uid}", redis_prefix=f"bench_{uid}", topic_partitions=opts.partitions,
-        metrics_port=0, session_timeout_ms=min(base.session_timeout_ms, 6000),
+        metrics_port=0, maintenance_database_url="", session_timeout_ms=min(base.session_timeout_ms, 6000),
         rebalance_timeout_ms=min(base.rebalance_timeout_ms, 1000), heartbeat_interval_ms=500)
     stream = streams.STREAMS[opts.stream]
     topic = stream.topic_for(config)
@@ -177,7 +181,8 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         await run.ensure_all_topics(config)
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
-        child = ctx.Process(target=_produce_in_child, args=(config.kafka_bootstrap, topic, opts, progress, out))
+        child = ctx.Process(target=_produce_in_child,
+                            args=(config.kafka_bootstrap, topic, opts, progress, out, config.kafka_security))
         recorder = Recorder()
         stop = asyncio.Event()
         produce_seconds = 0.0
@@ -242,10 +247,11 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
 
 
 async def _cleanup(config: Config, base: Config, db: str) -> None:
-    await delete_topics(config.kafka_bootstrap, [s.topic_for(config) for s in streams.STREAMS.values()])
-    admin = await asyncpg.connect(base.database_url.rsplit("/", 1)[0] + "/postgres")
+    await delete_topics(config.kafka_bootstrap, [s.topic_for(config) for s in streams.STREAMS.values()],
+                        **kafka_security(config.kafka_security))
+    admin = await asyncpg.connect(with_database(base.database_url, "postgres"))
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await admin.execute(f"DROP DATABASE IF EXISTS {ident(db)} WITH (FORCE)")
     finally:
         await admin.close()
     redis = redis_client(config.redis_url)

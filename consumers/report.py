@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import orjson
-from tqdm import tqdm
 
 from consumers import run, sample, streams
 from ingest.config import Config
@@ -61,11 +60,12 @@ async def demo(config: Config, *, events: int, n_tenants: int) -> int:
                                  heartbeat_interval_ms=500, metrics_port=0)
     await run.run_migrations(config)
     await run.ensure_all_topics(config)
+    from tqdm import tqdm  # only the demo draws a progress bar
+
     now = datetime.now(UTC)
     published = 0
     for s in streams.STREAMS.values():
-        async with Publisher(bootstrap=config.kafka_bootstrap, topic=s.topic_for(config),
-                             contract=s.contract(config), limits=config.decode) as pub:
+        async with Publisher.for_config(config, topic=s.topic_for(config), contract=s.contract(config)) as pub:
             for event in tqdm(sample.generate(s.name, events, n_tenants=n_tenants, dup_rate=0.12,
                                               seed=random.randrange(1 << 30), now=now),
                               total=events, desc=f"publish {s.topic_for(config)}", unit="ev"):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -15,37 +17,65 @@ from redis.asyncio import Redis
 from consumers import quotas, status, streams
 from consumers.streams import Stream
 from ingest import migrate, partitions
+from ingest import roles as pg_roles
 from ingest.breaker import Breaker
 from ingest.broker import ensure_topics
-from ingest.config import Config
+from ingest.config import Config, maintenance_url
 from ingest.consumer import StreamConsumer, Totals
 from ingest.dedupe import RedisHints
-from ingest.maintenance import LOCK_KEY, Maintenance
+from ingest.maintenance import LOCK_KEY, LedgerPolicy, Maintenance
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
+from ingest.security import kafka_security
 from ingest.services import ServiceUnavailable, connect_redis, create_pool, redact, redis_client
 from ingest.writer import Writer
 
 if TYPE_CHECKING:
+    from ingest.http import HealthServer
     from ingest.sql import Conn
 
 log = logging.getLogger(__name__)
 
 
-async def run_migrations(config: Config) -> list[int]:
-    """Create the database if needed, apply migrations, create partitions; return versions applied now."""
+async def run_migrations(config: Config, roles: pg_roles.Roles | None = None,
+                         passwords: Mapping[str, str] | None = None,
+                         report: pg_roles.Report | None = None) -> list[int]:
+    """Create the database if needed, apply migrations, create partitions; return versions applied now.
+
+    Connects with the maintenance (owner) URL. With ``roles`` (``ingest migrate --roles``): create or converge
+    the roles, hand existing objects over to the owner, migrate and create partitions as the owner, then grant
+    the writer and reader exactly their privileges (``ingest.roles``); ``report`` records what changed."""
+    url = maintenance_url(config)
     try:
-        await migrate.create_database_if_missing(config.database_url)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise ServiceUnavailable("postgres", redact(config.database_url), exc) from None
-    pool = await create_pool(config.database_url, max_size=1)
+        await migrate.create_database_if_missing(url)
+    except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ServiceUnavailable("postgres", redact(url), exc) from None
+    pool = await create_pool(url, max_size=1)
     try:
         async with pool.acquire() as conn:
-            applied = await migrate.apply(conn, streams.migrations())
-            await ensure_partitions(conn, config)
+            if roles is not None:
+                report = await pg_roles.ensure_roles(conn, roles, passwords, report)
+                await pg_roles.hand_over(conn, roles.owner, report=report)
+                await pg_roles.act_as(conn, roles.owner)
+            try:
+                applied = await migrate.apply(conn, streams.migrations())
+                await ensure_partitions(conn, config)
+                if roles is not None:
+                    await pg_roles.grant(conn, roles, role_tables())
+            finally:
+                if roles is not None:
+                    await pg_roles.act_as(conn, None)
         return applied
     finally:
         await pool.close()
+
+
+def role_tables() -> pg_roles.Tables:
+    """The tables the writer and reader roles are granted on: every stream's, and the quota overrides."""
+    shared = streams.WEBHOOK.tables()
+    return pg_roles.Tables(events=tuple(s.table for s in streams.STREAMS.values()),
+                           dead_letters=shared.dead_letters, ledger=shared.ledger, offsets=shared.offsets,
+                           quota=("quota_overrides", "quota_overrides_version"))
 
 
 async def ensure_partitions(conn: Conn, config: Config) -> list[str]:
@@ -64,19 +94,26 @@ async def ensure_partitions(conn: Conn, config: Config) -> list[str]:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 
 
-def maintenance(config: Config, rt: Runtime) -> Maintenance:
-    """Partition maintenance for every stream's table (creation ahead, retention, DEFAULT check)."""
+def maintenance(config: Config, rt: Runtime, pool: asyncpg.Pool | None = None) -> Maintenance:
+    """Partition maintenance for every stream's table (creation ahead, retention, DEFAULT check), on ``pool``
+    (connected with ``maintenance_url``: the owner) or else the runtime's pool."""
     cfg = config.partitions
     return Maintenance(
-        rt.pool, status.policies(config, list(streams.STREAMS.values())),
+        pool or rt.pool, status.policies(config, list(streams.STREAMS.values())),
         lock_timeout_ms=cfg.lock_timeout_ms, interval=cfg.maintenance_interval.total_seconds(),
         archive=cfg.retention_action == "archive", export_dir=cfg.export_dir or None,
-        registry=rt.metrics.registry, default_rows_gauge=rt.metrics.default_partition_rows)
+        registry=rt.metrics.registry, default_rows_gauge=rt.metrics.default_partition_rows,
+        ledger=ledger_policy(config))
+
+
+def ledger_policy(config: Config) -> LedgerPolicy:
+    """Expiry of the dedupe ledger (shared by every stream) after the dedupe window."""
+    return LedgerPolicy(streams.WEBHOOK.tables().ledger, config.dedupe.window)
 
 
 async def ensure_all_topics(config: Config) -> list[str]:
     return await ensure_topics(config.kafka_bootstrap, [s.topic_for(config) for s in streams.STREAMS.values()],
-                               config.topic_partitions)
+                               config.topic_partitions, **kafka_security(config.kafka_security))
 
 
 @dataclass
@@ -121,32 +158,52 @@ def build_consumer(config: Config, stream: Stream, rt: Runtime) -> StreamConsume
 async def consume(config: Config, selected: list[Stream], stop: asyncio.Event, *, drain: bool = False,
                   metrics: Metrics | None = None) -> dict[str, Totals]:
     """Run one consumer per selected stream until ``stop`` (or caught up with ``drain``)."""
-    from ingest import http  # local import: keeps this wiring inside consume()
-
     rt = await open_runtime(config, metrics)
+    maint_pool: asyncpg.Pool | None = None  # DDL runs as the owner when its URL differs from the writer's
     watched: list[StreamConsumer] = []  # filled below; the probes read it at each request
-    server: http.HealthServer | None = None
+    server: HealthServer | None = None
     try:
-        if config.metrics_port:
-            server = http.HealthServer(
-                metrics=rt.metrics, host=config.metrics_host, port=config.metrics_port, consumers=watched,
-                probes={"postgres": http.postgres_probe(rt.pool), "redis": http.redis_probe(rt.redis),
-                        "kafka": http.kafka_probe(watched)},
-                stale_after=http.liveness_window(config.max_poll_interval_ms))
-            await server.start()
-        async with rt.pool.acquire() as conn:
-            if await conn.fetchval("SELECT to_regclass('consumer_offsets')") is None:
-                raise ServiceUnavailable("postgres", redact(config.database_url),
-                                         "schema missing: run `ingest migrate` first")
-            await ensure_partitions(conn, config)
         consumers = [build_consumer(config, s, rt) for s in selected]
         watched.extend(consumers)
+        # The group join takes seconds (the broker waits for more members); do our own start-up meanwhile.
+        ready = asyncio.Event()
+        tasks = [asyncio.create_task(c.run(stop, drain=drain, ready=ready)) for c in consumers]
         maint_stop = asyncio.Event()
         maint_task = None
-        if config.partitions.maintenance_interval.total_seconds() > 0 and not drain:
-            maint_task = asyncio.create_task(maintenance(config, rt).run_forever(maint_stop))
         try:
-            results = await asyncio.gather(*(c.run(stop, drain=drain) for c in consumers))
+            if config.metrics_port:
+                # aiohttp takes ~0.5 s to import: in a thread, so the loop keeps joining the group meanwhile.
+                await asyncio.to_thread(importlib.import_module, "ingest.http")
+                from ingest import http
+
+                server = http.HealthServer(
+                    metrics=rt.metrics, host=config.metrics_host, port=config.metrics_port, consumers=watched,
+                    probes={"postgres": http.postgres_probe(rt.pool), "redis": http.redis_probe(rt.redis),
+                            "kafka": http.kafka_probe(watched)},
+                    stale_after=http.liveness_window(config.max_poll_interval_ms))
+                await server.start()
+            async with rt.pool.acquire() as conn:
+                if await conn.fetchval("SELECT to_regclass('consumer_offsets')") is None:
+                    raise ServiceUnavailable("postgres", redact(config.database_url),
+                                             "schema missing: run `ingest migrate` first")
+            if maintenance_url(config) != config.database_url:
+                maint_pool = await create_pool(maintenance_url(config), max_size=1)
+            async with (maint_pool or rt.pool).acquire() as conn:
+                try:
+                    await ensure_partitions(conn, config)
+                except asyncpg.InsufficientPrivilegeError as exc:
+                    log.warning("cannot create partitions as this role; set INGEST_MAINTENANCE_DATABASE_URL to "
+                                "the owner's URL or run `ingest partitions ensure` as the owner",
+                                extra={"error": str(exc)[:200]})
+            ready.set()
+            if config.partitions.maintenance_interval.total_seconds() > 0 and not drain:
+                maint_task = asyncio.create_task(maintenance(config, rt, maint_pool).run_forever(maint_stop))
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         finally:
             maint_stop.set()
             if maint_task is not None:
@@ -159,4 +216,6 @@ async def consume(config: Config, selected: list[Stream], stop: asyncio.Event, *
             if server is not None:
                 await server.stop()
         finally:
+            if maint_pool is not None:
+                await maint_pool.close()
             await rt.aclose()

@@ -30,6 +30,7 @@ import asyncpg
 
 from consumers import run, settings, streams
 from consumers.bench import BenchOptions, _cleanup, _produce
+from ingest.sql import ident
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,11 +49,13 @@ async def one_run(processes: int, events: int, stream_name: str, keep: bool) -> 
     db = f"ingest_perf_{uid}"
     config = dataclasses.replace(
         base, database_url=base.database_url.rsplit("/", 1)[0] + f"/{db}", topic_prefix=f"perf_{uid}.",
-        group_prefix=f"perf_{uid}", redis_prefix=f"perf_{uid}", topic_partitions=12, metrics_port=0)
+        group_prefix=f"perf_{uid}", redis_prefix=f"perf_{uid}", topic_partitions=12, metrics_port=0,
+        maintenance_database_url="")
     stream = streams.STREAMS[stream_name]
     topic = stream.topic_for(config)
     env = {**os.environ,
            "INGEST_KAFKA_BOOTSTRAP": config.kafka_bootstrap, "INGEST_DATABASE_URL": config.database_url,
+           "INGEST_MAINTENANCE_DATABASE_URL": "",
            "INGEST_TOPIC_PREFIX": config.topic_prefix, "INGEST_GROUP_PREFIX": config.group_prefix,
            "INGEST_REDIS_PREFIX": config.redis_prefix, "INGEST_METRICS_PORT": "0",
            "INGEST_SESSION_TIMEOUT_MS": "6000", "INGEST_REBALANCE_TIMEOUT_MS": "1000",
@@ -89,7 +92,7 @@ async def one_run(processes: int, events: int, stream_name: str, keep: bool) -> 
                 await asyncio.sleep(0.25)
             end = time.perf_counter()
             busy1, total1 = _cpu_ticks()
-            rows = await conn.fetchval(f"SELECT count(*) FROM {stream.table}")
+            rows = await conn.fetchval(f"SELECT count(*) FROM {ident(stream.table)}")
         finally:
             await conn.close()
         for p in procs:

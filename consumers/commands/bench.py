@@ -8,7 +8,6 @@ from typing import Any
 
 import orjson
 
-from consumers.bench import BenchOptions, bench, table
 from ingest.config import Config
 
 
@@ -28,6 +27,8 @@ def register(sub: Any) -> None:
 
 
 async def _bench(args: argparse.Namespace, config: Config) -> int:
+    from consumers.bench import BenchOptions, bench, table  # heavy (multiprocessing, producer): only when run
+
     opts = BenchOptions(events=args.events, tenants=args.tenants, dup_rate=args.dup_rate,
                         invalid_rate=args.invalid_rate, stream=args.stream, partitions=args.partitions,
                         rate=args.rate, duration=args.duration)
