@@ -17,7 +17,7 @@ import pytest
 
 from consumers import run, sample, settings, streams
 from ingest.config import Config
-from tests.integration.conftest import free_port
+from tests.conftest import free_port
 from tests.integration.helpers import publish, start_redis, stop_redis
 
 

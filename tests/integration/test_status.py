@@ -15,7 +15,7 @@ import pytest
 from consumers import sample, status, streams
 from consumers.cli import build_parser
 from ingest.config import Config
-from tests.integration.conftest import free_port
+from tests.conftest import free_port
 from tests.integration.helpers import drain, publish, publish_raw
 
 
