@@ -257,8 +257,7 @@ class StreamConsumer:
         finally:
             await self.pipeline.aclose()
             if self._kafka_commit is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._kafka_commit, 5)
+                await _finish_quietly(self._kafka_commit, 5)
             await consumer.stop()
             self.metrics.assigned.labels(self.stream).set(0)
         return self.totals
@@ -460,3 +459,15 @@ class StreamConsumer:
 def consumer_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     """Partitions of ``topic`` currently assigned to ``consumer``."""
     return {tp.partition for tp in consumer.assignment() if tp.topic == topic}
+
+
+async def _finish_quietly(task: asyncio.Task[None], grace_s: float) -> None:
+    """Give a best-effort task up to ``grace_s`` seconds, then cancel it. Its outcome never propagates, not even a
+    cancellation of its own (a pending aiokafka commit can end cancelled after the broker was unreachable); only
+    a cancellation of the caller does."""
+    done, _ = await asyncio.wait({task}, timeout=grace_s)
+    if not done:
+        task.cancel()
+        await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
