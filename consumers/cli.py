@@ -7,10 +7,9 @@ to an ``async def handler(args, config) -> int``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
-
-import uvloop
 
 from consumers import settings
 from consumers.commands import COMMAND_MODULES
@@ -18,6 +17,10 @@ from ingest import logs
 from ingest.services import ServiceUnavailable
 
 EXIT_UNAVAILABLE = 3
+
+# The standard asyncio loop, not uvloop: under uvloop a write on a connection the server has closed raises
+# RuntimeError, which aiokafka (aio-libs/aiokafka#1038) and redis-py do not expect; in aiokafka it kills the
+# metadata task, and the consumer then hangs on stop. uvloop bought no measurable throughput (docs/performance.md).
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.setup(config.log_level)
     try:
-        return int(uvloop.run(args.handler(args, config)) or 0)
+        return int(asyncio.run(args.handler(args, config)) or 0)
     except ServiceUnavailable as exc:
         print(f"ingest: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -121,12 +121,9 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 4, **kwarg
 
 
 # Errors that mean "Redis is not answering right now" (callers degrade or back off; anything else is a bug).
-# RuntimeError is here because redis-py under uvloop surfaces a write on a transport the server already closed as
-# "RuntimeError: unable to perform operation on <TCPTransport closed=True ...>" instead of a ConnectionError.
 REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, rx.ReadOnlyError, rx.MasterDownError,
     rx.ClusterDownError, rx.TryAgainError, rx.OutOfMemoryError, rx.MaxConnectionsError, OSError, TimeoutError,
-    RuntimeError,
 )
 
 
