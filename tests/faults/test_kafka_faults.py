@@ -22,6 +22,7 @@ from tests.faults.helpers import (
     PgCluster,
     Published,
     check_invariants,
+    progress,
     publish_mix,
     wait_caught_up,
     wait_event,
@@ -139,3 +140,56 @@ async def test_stalled_member_is_evicted_and_its_late_write_fenced(
     summary = await check_invariants(db_url, config, published)
     print(f"\nA stalled {stall_s:.1f} s: B owned all partitions {evicted_in:.1f} s after the stall began; A fenced "
           f"{a_fenced:.0f} batch(es), B {b_fenced:.0f}; A rejoined {rejoined_in:.1f} s after the heal; {summary}")
+
+
+async def test_broker_connections_cut_then_refused_mid_backlog(
+        config: Config, env: dict[str, str], db_url: str, published: Published, pg_proxy: Proxy,
+        kafka_proxy: Proxy, spawn: Callable[..., Consumer]) -> None:
+    """One consumer (both streams) drains a backlog. While its 4th webhook batch is held at the Postgres proxy
+    (records staged, so the cut is certainly mid-backlog), every Kafka connection is reset three times, then
+    new Kafka connections are refused for 9 s — longer than the 6 s session timeout, so the coordinator drops
+    the member — and the held batch is let through while Kafka is still unreachable.
+
+    Expected: the consumer never exits; the held batch commits to Postgres without Kafka (offsets live in
+    Postgres); when the broker is reachable again the consumer drains the rest and what is published after — after rejoining if the
+    coordinator expired it (Apache Kafka does; Tansu keeps a lone member that heartbeats again, so no new
+    assignment is required here); it exits 0 on SIGTERM; nothing lost, nothing stored twice."""
+    await publish_mix(config, published, "webhook", 2500, tenants=TENANTS, invalid=10, seed=601)
+    await publish_mix(config, published, "audit", 1000, tenants=TENANTS, invalid=4, seed=602)
+    hold = pg_proxy.on(b'COPY "webhook_events"', HOLD, skip=3)
+    consumer = spawn({**env, **CASE_ENV})
+    try:
+        await wait_event(hold.fired, 60, "the 4th webhook COPY", consumers=[consumer])
+        at = await progress(db_url, config)
+        assert at is not None and sum(at.values()) < sum(published.records.values()), "not mid-backlog"
+        rebalances = await consumer.ametric("ingest_rebalances_total", stream="webhook")
+        resets = 0
+        for _ in range(3):
+            resets += await asyncio.to_thread(kafka_proxy.cut)
+            await asyncio.sleep(1.0)
+        assert resets > 0, "the consumer had no Kafka connection to cut"
+        await asyncio.to_thread(kafka_proxy.refuse)
+        await asyncio.to_thread(kafka_proxy.cut)
+        refused_at = time.monotonic()
+        await asyncio.sleep(3)
+        hold.release()  # the staged batch is written while Kafka is unreachable
+        while time.monotonic() - refused_at < 9:
+            assert consumer.alive(), f"the consumer exited while Kafka was unreachable\n{consumer.log()}"
+            await asyncio.sleep(0.5)
+        during = await progress(db_url, config)
+    finally:
+        await asyncio.to_thread(kafka_proxy.heal)  # also accepts connections again
+    healed_at = time.monotonic()
+    assert during is not None and at is not None and during["webhook"] > at["webhook"], \
+        "the held batch was not committed while Kafka was unreachable"
+    # aiokafka may have prefetched the whole backlog before the outage: new records prove consumption resumed.
+    await publish_mix(config, published, "webhook", 800, tenants=TENANTS, invalid=3, seed=603, prefix="t-")
+    await publish_mix(config, published, "audit", 300, tenants=TENANTS, invalid=1, seed=604, prefix="t-")
+    drained_in = await wait_caught_up(db_url, config, published, consumers=[consumer], timeout=90)
+    waited = time.monotonic() - healed_at
+    rejoined = await consumer.ametric("ingest_rebalances_total", stream="webhook") - rebalances
+    assert await consumer.aterminate() == 0
+    summary = await check_invariants(db_url, config, published)
+    print(f"\n{resets} Kafka connections reset, then refused for 9 s: webhook offsets {at['webhook']} -> "
+          f"{during['webhook']} while unreachable; caught up {waited:.1f} s after the heal "
+          f"(drain wait {drained_in:.1f} s), {rejoined:.0f} new webhook assignment(s); {summary}")
