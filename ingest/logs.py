@@ -48,4 +48,5 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    for noisy in ("aiokafka", "asyncio"):  # their DEBUG/INFO lines are per connection attempt or loop start-up
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -45,3 +45,20 @@ def test_memory_is_bounded() -> None:
     for i in range(100):
         assert throttle.filter(record("aiokafka", f"unique {i}"))
     assert len(throttle._seen) <= 10
+
+
+def test_debug_level_keeps_asyncio_and_aiokafka_start_up_chatter_out() -> None:
+    from ingest import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.setup("DEBUG")
+        assert not logging.getLogger("asyncio").isEnabledFor(logging.DEBUG)  # "Using selector: EpollSelector"
+        assert not logging.getLogger("aiokafka").isEnabledFor(logging.INFO)
+        assert logging.getLogger("ingest.consumer").isEnabledFor(logging.DEBUG)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        logging.getLogger("asyncio").setLevel(logging.NOTSET)
+        logging.getLogger("aiokafka").setLevel(logging.NOTSET)
