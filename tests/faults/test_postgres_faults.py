@@ -173,10 +173,16 @@ async def test_connection_cut_during_commit(
     Expected: the batch is retried. After ``cut_before`` the retry's CAS succeeds (no fence); after ``cut_after``
     the retry is fenced by the CAS on the offsets (they already moved), the partitions are re-positioned from
     Postgres and re-read from there. Either way the pause ends and nothing is lost or stored twice."""
-    await publish_both(config, published, seed=31 if action == CUT_BEFORE else 41)
-    cut = pg_proxy.on(pg_query("COMMIT;"), action, skip=4)
+    seed = 31 if action == CUT_BEFORE else 41
+    # The consumer first drains a small backlog, so it has joined, positioned and committed on both streams
+    # before the trigger is armed: the cut lands on a batch of the second backlog, never inside start-up.
+    await publish_mix(config, published, "webhook", 200, tenants=6, seed=seed + 100)
+    await publish_mix(config, published, "audit", 100, tenants=6, seed=seed + 101)
     consumer = spawn({**env, **CASE_ENV})
-    await wait_event(cut.done, 60, f"{action} at the 5th COMMIT", consumers=[consumer])
+    await wait_caught_up(db_url, config, published, consumers=[consumer], timeout=60)
+    cut = pg_proxy.on(pg_query("COMMIT;"), action, skip=1)
+    await publish_both(config, published, seed=seed)
+    await wait_event(cut.done, 60, f"{action} at the 2nd COMMIT of the second backlog", consumers=[consumer])
     await wait_until(consumer.reached("ingest_retries_total", 1, component="postgres"), 30, "a retry",
                      consumers=[consumer])
     if action == CUT_AFTER:
