@@ -10,9 +10,11 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +45,39 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     gc.collect()
 
 
+def deployment_env(uid: str, **settings: str) -> dict[str, str]:
+    """Settings of an isolated test deployment: topic, group and Redis prefixes of its own (from ``uid``),
+    4 partitions, 3-day retention and fast group timeouts for the embedded broker. ``settings`` add or replace
+    (the broker, the service URLs)."""
+    return {
+        "INGEST_REDIS_PREFIX": uid,
+        "INGEST_TOPIC_PREFIX": f"{uid}.",
+        "INGEST_GROUP_PREFIX": f"g_{uid}",
+        "INGEST_TOPIC_PARTITIONS": "4",
+        "INGEST_RETENTION_DAYS": "3",
+        "INGEST_PARTITION_PREMAKE_DAYS": "2",
+        "INGEST_SESSION_TIMEOUT_MS": "6000",
+        "INGEST_REBALANCE_TIMEOUT_MS": "1000",
+        "INGEST_HEARTBEAT_INTERVAL_MS": "500",
+        "INGEST_BATCH_MAX_AGE_MS": "50",
+        "INGEST_METRICS_PORT": "0",
+        "INGEST_LOG_LEVEL": os.environ.get("TEST_LOG_LEVEL", "WARNING"),
+        **settings,
+    }
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """SIGTERM ``proc`` and wait; SIGKILL it if it has not exited within ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -62,5 +97,4 @@ def broker() -> Iterator[str]:
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -41,7 +40,7 @@ from redis.asyncio import Redis
 from consumers import run, settings, streams
 from ingest import broker as broker_mod
 from ingest.config import Config
-from tests.conftest import free_port
+from tests.conftest import deployment_env, free_port
 from tests.faults.helpers import Consumer, PgCluster, Published, RedisServer, Tablespace, Tmpfs
 from tests.faults.proxy import Proxy
 
@@ -113,24 +112,10 @@ def redis_proxy(redis_server: RedisServer, proxies: Callable[..., Proxy]) -> Pro
 @pytest.fixture
 def env(broker: str, pg_proxy: Proxy, redis_proxy: Proxy) -> dict[str, str]:
     """Environment of an isolated deployment whose Postgres and Redis are reached through the proxies."""
-    uid = uuid.uuid4().hex[:10]
-    return {
-        "INGEST_KAFKA_BOOTSTRAP": broker,
-        "INGEST_DATABASE_URL": f"postgresql://root@{pg_proxy.address}/ingest_f_{uid}",
-        "INGEST_REDIS_URL": f"redis://{redis_proxy.address}/0",
-        "INGEST_REDIS_PREFIX": f"f_{uid}",
-        "INGEST_TOPIC_PREFIX": f"f_{uid}.",
-        "INGEST_GROUP_PREFIX": f"g_{uid}",
-        "INGEST_TOPIC_PARTITIONS": "4",
-        "INGEST_RETENTION_DAYS": "3",
-        "INGEST_PARTITION_PREMAKE_DAYS": "2",
-        "INGEST_SESSION_TIMEOUT_MS": "6000",
-        "INGEST_REBALANCE_TIMEOUT_MS": "1000",
-        "INGEST_HEARTBEAT_INTERVAL_MS": "500",
-        "INGEST_BATCH_MAX_AGE_MS": "50",
-        "INGEST_METRICS_PORT": "0",
-        "INGEST_LOG_LEVEL": os.environ.get("TEST_LOG_LEVEL", "WARNING"),
-    }
+    uid = f"f_{uuid.uuid4().hex[:10]}"
+    return deployment_env(uid, INGEST_KAFKA_BOOTSTRAP=broker,
+                          INGEST_DATABASE_URL=f"postgresql://root@{pg_proxy.address}/ingest_{uid}",
+                          INGEST_REDIS_URL=f"redis://{redis_proxy.address}/0")
 
 
 def _database(env: dict[str, str]) -> str:

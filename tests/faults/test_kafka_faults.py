@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -16,7 +15,7 @@ import pytest
 
 from ingest import broker as broker_mod
 from ingest.config import Config
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 from tests.faults.helpers import (
     Consumer,
     PgCluster,
@@ -44,12 +43,7 @@ def kafka_proxy() -> Iterator[Proxy]:
     try:
         yield proxy
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         proxy.close()
 
 

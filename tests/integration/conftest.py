@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from consumers import run, settings, streams
 from ingest import broker as broker_mod
 from ingest.config import Config
+from tests.conftest import deployment_env
 from tests.integration import helpers
 
 PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://127.0.0.1:5432/postgres")
@@ -23,24 +24,9 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 @pytest.fixture
 def env(broker: str) -> Iterator[dict[str, str]]:
     """Environment of an isolated ingest deployment (fast group timeouts for the embedded broker)."""
-    uid = uuid.uuid4().hex[:10]
-    yield {
-        "INGEST_KAFKA_BOOTSTRAP": broker,
-        "INGEST_DATABASE_URL": f"postgresql://127.0.0.1:5432/ingest_t_{uid}",
-        "INGEST_REDIS_URL": REDIS_URL,
-        "INGEST_REDIS_PREFIX": f"t_{uid}",
-        "INGEST_TOPIC_PREFIX": f"t_{uid}.",
-        "INGEST_GROUP_PREFIX": f"g_{uid}",
-        "INGEST_TOPIC_PARTITIONS": "4",
-        "INGEST_RETENTION_DAYS": "3",
-        "INGEST_PARTITION_PREMAKE_DAYS": "2",
-        "INGEST_SESSION_TIMEOUT_MS": "6000",
-        "INGEST_REBALANCE_TIMEOUT_MS": "1000",
-        "INGEST_HEARTBEAT_INTERVAL_MS": "500",
-        "INGEST_BATCH_MAX_AGE_MS": "50",
-        "INGEST_METRICS_PORT": "0",
-        "INGEST_LOG_LEVEL": os.environ.get("TEST_LOG_LEVEL", "WARNING"),
-    }
+    uid = f"t_{uuid.uuid4().hex[:10]}"
+    yield deployment_env(uid, INGEST_KAFKA_BOOTSTRAP=broker,
+                         INGEST_DATABASE_URL=f"postgresql://127.0.0.1:5432/ingest_{uid}", INGEST_REDIS_URL=REDIS_URL)
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ from ingest.publisher import Publisher
 from ingest.security import kafka_security
 from ingest.services import ServiceUnavailable, connect_redis, create_pool, with_database
 from tests.certs import Pair, make_ca, make_cert
-from tests.conftest import free_port
+from tests.conftest import deployment_env, free_port, stop_process
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_PASSWORD = "pg-Pw!tls/9@x"
@@ -154,9 +154,7 @@ def private_redis(pki: Pki) -> Iterator[int]:
             raise AssertionError(f"redis-server did not start: {text}")
         yield port
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
+        stop_process(proc)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -218,8 +216,7 @@ def private_broker() -> Iterator[tuple[int, int]]:
     try:
         yield plain, proxied
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -245,25 +242,10 @@ def _env(servers: Servers, tmp_path: Path) -> dict[str, str]:
     db_file, redis_file = tmp_path / "database-url", tmp_path / "redis-url"
     db_file.write_text(servers.pg_url(f"ingest_tls_{uid}") + "\n")
     redis_file.write_text(servers.redis_url() + "\n")
-    return {
-        "INGEST_KAFKA_BOOTSTRAP": servers.kafka,
-        "INGEST_KAFKA_SECURITY_PROTOCOL": "SSL",
-        "INGEST_KAFKA_SSL_CA_FILE": str(servers.pki.ca.cert),
-        "INGEST_DATABASE_URL_FILE": str(db_file),
-        "INGEST_REDIS_URL_FILE": str(redis_file),
-        "INGEST_REDIS_PREFIX": f"t_{uid}",
-        "INGEST_TOPIC_PREFIX": f"t_{uid}.",
-        "INGEST_GROUP_PREFIX": f"g_{uid}",
-        "INGEST_TOPIC_PARTITIONS": "2",
-        "INGEST_RETENTION_DAYS": "3",
-        "INGEST_PARTITION_PREMAKE_DAYS": "2",
-        "INGEST_SESSION_TIMEOUT_MS": "6000",
-        "INGEST_REBALANCE_TIMEOUT_MS": "1000",
-        "INGEST_HEARTBEAT_INTERVAL_MS": "500",
-        "INGEST_BATCH_MAX_AGE_MS": "50",
-        "INGEST_METRICS_PORT": "0",
-        "INGEST_LOG_LEVEL": "DEBUG",
-    }
+    return deployment_env(
+        f"t_{uid}", INGEST_KAFKA_BOOTSTRAP=servers.kafka, INGEST_KAFKA_SECURITY_PROTOCOL="SSL",
+        INGEST_KAFKA_SSL_CA_FILE=str(servers.pki.ca.cert), INGEST_DATABASE_URL_FILE=str(db_file),
+        INGEST_REDIS_URL_FILE=str(redis_file), INGEST_TOPIC_PARTITIONS="2", INGEST_LOG_LEVEL="DEBUG")
 
 
 def _no_secret(*texts: str) -> None:
