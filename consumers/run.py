@@ -75,6 +75,7 @@ def role_tables() -> pg_roles.Tables:
     shared = streams.WEBHOOK.tables()
     return pg_roles.Tables(events=tuple(s.table for s in streams.STREAMS.values()),
                            dead_letters=shared.dead_letters, ledger=shared.ledger, offsets=shared.offsets,
+                           offset_changes=shared.offset_changes,
                            quota=("quota_overrides", "quota_overrides_version"))
 
 
@@ -152,7 +153,8 @@ def build_consumer(config: Config, stream: Stream, rt: Runtime) -> StreamConsume
     pipeline = Pipeline(stream=stream.name, contract=stream.contract(config), limits=config.decode,
                         writer=writer, hints=hints, metrics=rt.metrics, breaker=Breaker(config.breaker))
     return StreamConsumer(config=config, stream=stream.name, topic=topic, group=group, pipeline=pipeline,
-                          pool=rt.pool, metrics=rt.metrics, offsets_table=tables.offsets)
+                          pool=rt.pool, metrics=rt.metrics, offsets_table=tables.offsets,
+                          changes_table=tables.offset_changes)
 
 
 async def consume(config: Config, selected: list[Stream], stop: asyncio.Event, *, drain: bool = False,

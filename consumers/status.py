@@ -117,6 +117,61 @@ async def end_offsets(bootstrap: str, topics: Sequence[str], *, budget_s: float 
             await consumer.stop()
 
 
+async def offsets_for_time(bootstrap: str, topic: str, partitions: Sequence[int], ts_ms: int, *,
+                           budget_s: float = 10.0, **client_options: Any) -> dict[int, int | None]:
+    """Per partition: the first offset whose record timestamp is at or after ``ts_ms`` (None: none is, i.e. the
+    log end). Asks the broker (ListOffsets by time); an answer that breaks that rule (a record timestamped before
+    ``ts_ms``, as the embedded broker returns) is replaced by a bisection over the log, reading one record per
+    step (record timestamps are taken as non-decreasing within a partition)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                auto_offset_reset="none", fetch_max_wait_ms=100, max_partition_fetch_bytes=64 * 1024,
+                                request_timeout_ms=int(budget_s * 1000), client_id="ingest-offsets",
+                                **client_options)
+    try:
+        async with kafka_starting(bootstrap):
+            await asyncio.wait_for(consumer.start(), budget_s)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        if isinstance(exc, ServiceUnavailable):
+            raise
+        raise ServiceUnavailable("kafka", bootstrap, exc) from None
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        answers = await consumer.offsets_for_times({tp: ts_ms for tp in tps})
+        start, end = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        out: dict[int, int | None] = {}
+        for tp in tps:
+            a = answers.get(tp)
+            if a is None or a.timestamp >= ts_ms:
+                out[tp.partition] = None if a is None else a.offset
+                continue
+            lo, hi = start[tp], end[tp]  # first offset in [lo, hi) with timestamp >= ts_ms; hi = none
+            while lo < hi:
+                mid = (lo + hi) // 2
+                consumer.seek(tp, mid)
+                got: list[Any] = []
+                deadline = time.monotonic() + budget_s
+                while not got and time.monotonic() < deadline:
+                    got = (await consumer.getmany(tp, timeout_ms=200, max_records=1)).get(tp, [])
+                if not got:
+                    raise ServiceUnavailable("kafka", bootstrap, f"no record at {topic}[{tp.partition}]@{mid}")
+                if got[0].timestamp >= ts_ms:
+                    hi = mid
+                else:
+                    lo = got[0].offset + 1
+            out[tp.partition] = lo if lo < end[tp] else None
+        return out
+    except ServiceUnavailable:
+        raise
+    except Exception as exc:
+        raise ServiceUnavailable("kafka", bootstrap, exc) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
 async def group_members(bootstrap: str, groups: Sequence[str], *, budget_s: float = 5.0,
                         **client_options: Any) -> dict[str, dict[str, Any]]:
     """``describe_consumer_groups``: state and members (id, client, host, instance id, assigned partitions).
@@ -175,12 +230,34 @@ async def stored_offsets(conn: asyncpg.Connection, group: str, topic: str) -> di
     return {r[0]: r[1] for r in rows}
 
 
+def mismatch_of(end: EndOffset | None, stored: int | None) -> str | None:
+    """``beyond_end`` or ``below_start`` when the log no longer holds the stored next offset, else None."""
+    if end is None or stored is None or stored == UNSET:
+        return None
+    if stored > end.end:
+        return "beyond_end"
+    if stored < end.beginning:
+        return "below_start"
+    return None
+
+
 def lag_of(end: EndOffset | None, stored: int | None) -> int | None:
-    """End minus the stored next offset; ``-1``/missing (nothing consumed) counts from the beginning."""
+    """Records in the log that are still to be read: end minus the stored next offset. Nothing consumed yet
+    (``-1``/missing) and a stored offset the log no longer holds (see ``mismatch_of``) count from the log start,
+    where the consumer resumes: lag never reads 0 while records are unread."""
     if end is None:
         return None
-    at = end.beginning if stored is None or stored == UNSET else stored
+    at = end.beginning if stored is None or stored == UNSET or mismatch_of(end, stored) else stored
     return max(0, end.end - at)
+
+
+def partition_row(partition: int, end: EndOffset | None, stored: int | None, *,
+                  known_progress: bool = True) -> dict[str, Any]:
+    """One partition's line in ``lag``, ``status`` and ``offsets show``."""
+    return {"partition": partition, "stored_offset": stored, "next_offset": stored,
+            "log_start": end.beginning if end else None, "end_offset": end.end if end else None,
+            "log_end": end.end if end else None, "lag": lag_of(end, stored) if known_progress else None,
+            "mismatch": mismatch_of(end, stored)}
 
 
 async def lag_report(config: Config, selected: Sequence[Stream], *,
@@ -199,11 +276,7 @@ async def lag_report(config: Config, selected: Sequence[Stream], *,
             except asyncpg.UndefinedTableError:
                 raise ServiceUnavailable("postgres", redact(config.database_url),
                                          "schema missing: run `ingest migrate` first") from None
-            rows = []
-            for p in sorted(set(ends[topic]) | set(stored)):
-                end = ends[topic].get(p)
-                rows.append({"partition": p, "end_offset": end.end if end else None,
-                             "stored_offset": stored.get(p), "lag": lag_of(end, stored.get(p))})
+            rows = [partition_row(p, ends[topic].get(p), stored.get(p)) for p in sorted(set(ends[topic]) | set(stored))]
             out[s.name] = {"topic": topic, "group": group, "topic_exists": bool(ends[topic]),
                            "partitions": rows, "total_lag": sum(r["lag"] or 0 for r in rows)}
         return out
@@ -361,11 +434,8 @@ async def snapshot(config: Config, selected: Sequence[Stream], *,
         stored: dict[int, int] = pgs.get("stored_offsets", {})
         known_progress = "stored_offsets" in pgs  # without Postgres, lag is unknown (not "from the beginning")
         topic_ends = ends.get(topic, {})
-        rows = []
-        for p in sorted(set(topic_ends) | set(stored)):
-            end = topic_ends.get(p)
-            rows.append({"partition": p, "stored_offset": stored.get(p), "end_offset": end.end if end else None,
-                         "lag": lag_of(end, stored.get(p)) if known_progress else None})
+        rows = [partition_row(p, topic_ends.get(p), stored.get(p), known_progress=known_progress)
+                for p in sorted(set(topic_ends) | set(stored))]
         entry: dict[str, Any] = {"topic": topic, "group": group, "table": s.table}
         if isinstance(members, dict):
             g = members.get(group) or {"state": None, "members": []}
@@ -422,8 +492,9 @@ def render(doc: Mapping[str, Any]) -> str:
         if st["partitions"]:
             lines.append("  partition      stored         end         lag")
             for r in st["partitions"]:
+                flag = f"  position outside the log: {r['mismatch']}" if r.get("mismatch") else ""
                 lines.append(f"  {r['partition']:>9} {_n(r['stored_offset']):>11} {_n(r['end_offset']):>11} "
-                             f"{_n(r['lag']):>11}")
+                             f"{_n(r['lag']):>11}{flag}")
         lm = st.get("last_minute")
         if lm:
             ps = lm["per_second"]

@@ -97,6 +97,7 @@ class Config:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
     tenant_label_limit: int = 50
+    log_mismatch: str = "reset"  # or "stop": see ingest.consumer (a stored position the log no longer holds)
     session_timeout_ms: int = 30000
     rebalance_timeout_ms: int = 60000
     heartbeat_interval_ms: int = 3000

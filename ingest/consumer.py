@@ -1,7 +1,13 @@
 """The Kafka loop for one stream: positions come from Postgres, batches close by rows/bytes/age, commits are fenced.
 
 Rules kept here:
-- Partitions are paused on assignment and resumed only after ``seek`` to the offset stored in Postgres.
+- Partitions are paused on assignment and resumed only after ``seek`` to the offset stored in Postgres. Their
+  state (``ingest.partition_state``) has one owner: this class, through ``Partitions``' transitions.
+- A stored offset the Kafka log no longer holds (past its end: topic recreated, cluster switched; below its start:
+  records expired unread) is never read past silently. It is detected on positioning (the log's bounds), on an
+  out-of-range fetch and when a fetch's high watermark falls below the cursor. With ``log_mismatch="reset"`` the
+  partition moves to the log start and the move (with any gap) is recorded in Postgres in the same transaction;
+  with ``"stop"`` the stream stops (``LogMismatch``) and nothing moves.
 - A batch covers every consumed record (stored, duplicate or rejected) of the partitions it touches.
 - Write failures are retried with backoff while every partition stays paused and the loop keeps polling, so the
   process keeps its group membership. ``Fenced`` drops the batch and re-seeks its partitions.
@@ -23,11 +29,13 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from ingest import offsets
 from ingest.breaker import CircuitOpen
 from ingest.config import Config
 from ingest.metrics import Metrics
+from ingest.partition_state import Partitions
 from ingest.pipeline import Outcome, Pipeline, Staged
 from ingest.retry import Backoff, component_of
 from ingest.security import kafka_security
@@ -45,7 +53,8 @@ class Totals:
     rejected: int = 0
     quota_exceeded: int = 0
     batches: int = 0
-    stopped_by: str | None = None
+    stopped_by: str | None = None  # why the stream stopped by itself (circuit breaker, log mismatch)
+    stop_kind: str | None = None  # "circuit_open" or "log_mismatch"
 
     def add(self, o: Outcome) -> None:
         self.stored += o.stored
@@ -65,6 +74,20 @@ class State:
     paused_reason: str | None = None
 
 
+class LogMismatch(Exception):
+    """Stored positions the log no longer holds, with ``log_mismatch="stop"``; ``str()`` names the partitions
+    and the command that fixes them."""
+
+    def __init__(self, stream: str, moves: list[offsets.Move]) -> None:
+        parts = ", ".join(f"{m.partition} (stored {m.old}, log {m.bounds.start}-{m.bounds.end}: {m.kind})"
+                          for m in moves)
+        super().__init__(
+            f"{stream}: stored positions the Kafka log no longer holds: partitions {parts}; choose where to "
+            f"resume with `ingest offsets reset --stream {stream} --to-earliest "
+            f"{' '.join(f'--partition {m.partition}' for m in moves)} --execute` (or --to-latest, --to-datetime)")
+        self.moves = moves
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, owner: StreamConsumer) -> None:
         self.owner = owner
@@ -81,17 +104,15 @@ class StreamConsumer:
     ``drain``, when every assigned partition is caught up."""
 
     def __init__(self, *, config: Config, stream: str, topic: str, group: str, pipeline: Pipeline,
-                 pool: asyncpg.Pool, metrics: Metrics, offsets_table: str,
+                 pool: asyncpg.Pool, metrics: Metrics, offsets_table: str, changes_table: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.stream, self.topic, self.group = config, stream, topic, group
         self.pipeline, self.pool, self.metrics, self.offsets_table = pipeline, pool, metrics, offsets_table
+        self.changes_table = changes_table
         self.clock = clock
         self.totals = Totals()
         self.state = State()
-        self._positions: dict[int, int] = {}  # partition -> next offset stored in Postgres (our CAS value)
-        self._cursor: dict[int, int] = {}  # partition -> next offset we accept from Kafka
-        self._unpositioned: set[int] = set()
-        self._epoch: dict[int, int] = {}  # partition -> bumped at each (re)positioning; staged records carry it
+        self.parts = Partitions()
         self._lock = asyncio.Lock()
         self._backoff = Backoff()
         self._kafka_commit: asyncio.Task[None] | None = None
@@ -109,12 +130,11 @@ class StreamConsumer:
         self.metrics.rebalances.labels(self.stream).inc()
         self.state.assigned = set(parts)
         self.metrics.assigned.labels(self.stream).set(len(parts))
-        for p in list(self._positions):
-            if p not in parts:
-                self._forget(p)
-        self._unpositioned |= {p for p in parts if p not in self._positions}
-        if self.consumer is not None and self._unpositioned:
-            self.consumer.pause(*[self._tp(p) for p in self._unpositioned])
+        for p in self.parts.assigned() - parts:
+            self._forget(p)
+        waiting = self.parts.assign(parts)
+        if self.consumer is not None and waiting:
+            self.consumer.pause(*[self._tp(p) for p in waiting])
         log.info("partitions assigned", extra={"stream": self.stream, "partitions": sorted(parts)})
 
     async def on_revoked(self, parts: set[int]) -> None:
@@ -128,47 +148,88 @@ class StreamConsumer:
         log.info("partitions revoked", extra={"stream": self.stream, "partitions": sorted(parts)})
 
     def _forget(self, p: int) -> None:
-        self._epoch[p] = self._epoch.get(p, 0) + 1
-        self._positions.pop(p, None)
-        self._cursor.pop(p, None)
-        self._unpositioned.discard(p)
+        self.parts.revoke(p)
         with contextlib.suppress(KeyError):
             self.metrics.lag.remove(self.stream, str(p))
 
+    def _reposition(self, consumer: AIOKafkaConsumer, parts: set[int], *, out_of_range: bool = False) -> None:
+        """Read ``parts`` again from the position Postgres holds (paused until then)."""
+        for p in parts:
+            self.parts.reposition(p, out_of_range=out_of_range)
+        self._apply_pause(consumer)
+
     async def _position(self, consumer: AIOKafkaConsumer) -> None:
-        """Seek every unpositioned partition to its Postgres offset, then resume it."""
-        parts = sorted(p for p in self._unpositioned if p in consumer_partitions(consumer, self.topic))
-        self._unpositioned &= set(parts)
+        """Seek every unpositioned partition to its Postgres offset, then resume it. A stored offset outside the
+        log is handled by the ``log_mismatch`` policy first (see the module rules)."""
+        parts = sorted(self.parts.unpositioned() & consumer_partitions(consumer, self.topic))
         if not parts:
             return
         async with self._lock:  # serialised with writes: never read a position a write is about to move
+            bounds = await self._log_bounds(consumer, parts)
             async with self.pool.acquire() as conn:
                 stored = await offsets.load(conn, self.offsets_table, self.group, self.topic, parts)
-            await self._seek(consumer, parts, stored)
+                moves = offsets.mismatches(stored, bounds)
+                if moves:
+                    await self._handle_mismatches(conn, moves)
+                    stored.update({m.partition: m.new for m in moves})
+                # Nothing stored yet: store where reading starts, so that records expiring later, unread, are
+                # a detectable gap rather than a silent jump of the log start.
+                first = {p: bounds[p].start for p, at in stored.items() if at == offsets.UNSET}
+                if first:
+                    async with conn.transaction():
+                        await offsets.fence_and_advance(conn, self.offsets_table, self.group, self.topic,
+                                                        dict.fromkeys(first, offsets.UNSET), first)
+                    stored.update(first)
+            await self._seek(consumer, parts, stored, bounds)
         self._apply_pause(consumer)
         log.info("partitions positioned from postgres", extra={"stream": self.stream, "offsets": stored})
 
-    async def _seek(self, consumer: AIOKafkaConsumer, parts: list[int], stored: dict[int, int]) -> None:
-        """Seek to the stored offsets; a new epoch makes records staged before this unwritable."""
-        begin = []
+    async def _log_bounds(self, consumer: AIOKafkaConsumer, parts: list[int]) -> dict[int, offsets.LogBounds]:
+        """What the log of each partition holds now. The start comes from ListOffsets(earliest). The end is
+        taken only where it is reliable: ListOffsets(latest) after the broker refused a fetch as out of range,
+        else the high watermark of the last fetch (the embedded broker's ListOffsets(latest) lags behind what it
+        holds), else unknown (judged after the first fetch: see ``_refresh_lag``)."""
+        tps = [self._tp(p) for p in parts]
+        start = await consumer.beginning_offsets(tps)
+        refused = [tp for tp in tps if (s := self.parts.get(tp.partition)) is not None and s.out_of_range]
+        listed = await consumer.end_offsets(refused) if refused else {}
+        out = {}
+        for tp in tps:
+            end = listed.get(tp, consumer.highwater(tp))
+            out[tp.partition] = offsets.LogBounds(start[tp], None if end is None else max(start[tp], end))
+        return out
+
+    async def _handle_mismatches(self, conn: Any, moves: list[offsets.Move]) -> None:
+        """Count and log each mismatch; then stop (``LogMismatch``) or move the positions to the log start,
+        recording the moves (and any gap) in the same transaction. A partition moved meanwhile by someone else
+        raises ``Fenced``: it is positioned again from what Postgres holds then."""
+        for m in moves:
+            self.metrics.log_mismatches.labels(self.stream, str(m.kind), self.config.log_mismatch).inc()
+            log.error("stored position outside the kafka log", extra={
+                "stream": self.stream, "topic": self.topic, "partition": m.partition, "kind": str(m.kind),
+                "stored": m.old, "log_start": m.bounds.start, "log_end": m.bounds.end, "lost": m.skipped,
+                "action": "stop" if self.config.log_mismatch == "stop" else f"resume at {m.new}"})
+        if self.config.log_mismatch == "stop":
+            raise LogMismatch(self.stream, moves)
+        await offsets.apply_moves(conn, self.offsets_table, self.changes_table, stream=self.stream,
+                                  group=self.group, topic=self.topic, moves=moves,
+                                  detail="detected by the consumer on positioning")
+        for m in moves:
+            if m.skipped:
+                self.metrics.log_gap_records.labels(self.stream).inc(m.skipped)
+
+    async def _seek(self, consumer: AIOKafkaConsumer, parts: list[int], stored: dict[int, int],
+                    bounds: dict[int, offsets.LogBounds]) -> None:
+        """Seek to the stored offsets (``UNSET``: the log start); a new epoch makes records staged before this
+        unwritable."""
         for p in parts:
-            if p not in self._unpositioned:
-                continue  # revoked while we were reading
-            at = stored[p]
-            if at == offsets.UNSET:
-                begin.append(self._tp(p))
-            else:
-                consumer.seek(self._tp(p), at)
-            self._positions[p] = at
-            self._cursor[p] = at
-            self._epoch[p] = self._epoch.get(p, 0) + 1
-            self._unpositioned.discard(p)
-        if begin:
-            await consumer.seek_to_beginning(*begin)
+            start = bounds[p].start
+            if self.parts.position(p, stored[p], start):  # else revoked while we were reading
+                consumer.seek(self._tp(p), stored[p] if stored[p] != offsets.UNSET else start)
 
     def _apply_pause(self, consumer: AIOKafkaConsumer, everything: bool = False) -> None:
         assigned = consumer_partitions(consumer, self.topic)
-        paused = assigned if everything else (self._unpositioned & assigned)
+        paused = assigned if everything else (self.parts.unpositioned() & assigned)
         consumer.pause(*[self._tp(p) for p in paused])
         consumer.resume(*[self._tp(p) for p in assigned - paused])
 
@@ -180,7 +241,9 @@ class StreamConsumer:
             bootstrap_servers=self.config.kafka_bootstrap,
             group_id=self.group,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Positions come from Postgres and are always sought explicitly; an out-of-range fetch must raise
+            # (OffsetOutOfRangeError) instead of silently jumping to an end of the log.
+            auto_offset_reset="none",
             session_timeout_ms=self.config.session_timeout_ms,
             max_poll_interval_ms=self.config.max_poll_interval_ms,
             rebalance_timeout_ms=self.config.rebalance_timeout_ms,
@@ -223,7 +286,15 @@ class StreamConsumer:
                     await asyncio.wait_for(ready.wait(), 0.05)
             while not stop.is_set():
                 self.state.last_turn = self.clock()
-                if self._unpositioned and not await self._retrying(consumer, stop, lambda: self._position(consumer)):
+                try:
+                    if self.parts.unpositioned() and not await self._retrying(
+                            consumer, stop, lambda: self._position(consumer)):
+                        break
+                except LogMismatch as exc:
+                    if pending is not None:
+                        await self._settle(consumer, stop, *pending)
+                        pending = None
+                    self._stop_stream("log_mismatch", str(exc))
                     break
                 records, epochs = await self._collect(consumer, stop, pending[0] if pending is not None else None)
                 staged = None
@@ -234,7 +305,7 @@ class StreamConsumer:
                         if pending is not None:
                             await self._settle(consumer, stop, *pending)
                             pending = None
-                        self._trip(exc)
+                        self._stop_stream("circuit_open", str(exc))
                         break
                 if pending is not None:
                     await self._settle(consumer, stop, *pending)
@@ -277,19 +348,15 @@ class StreamConsumer:
         started: float | None = None
         while not stop.is_set():
             wait = 0.1 if started is None else max(0.0, max_age - (self.clock() - started))
-            got = await consumer.getmany(timeout_ms=int(wait * 1000), max_records=limits.max_rows - len(records))
+            got = await self._poll(consumer, timeout_ms=int(wait * 1000), max_records=limits.max_rows - len(records))
             self.state.last_turn = self.clock()
             for tp, msgs in got.items():
-                cursor = self._cursor.get(tp.partition)
-                if cursor is None or tp.partition in self._unpositioned:
-                    continue  # not ours (yet): it will be re-read after positioning
-                epochs.setdefault(tp.partition, self._epoch.get(tp.partition, 0))
-                for m in msgs:
-                    if m.offset >= cursor:
-                        records.append(m)
-                        size += len(m.value or b"")
-                        cursor = m.offset + 1
-                self._cursor[tp.partition] = cursor
+                epoch = epochs.setdefault(tp.partition, self.parts.epoch(tp.partition))
+                # Only records at or past the cursor of a partition still positioned as at the batch's start;
+                # the rest is re-read after (re)positioning.
+                for i in self.parts.accept(tp.partition, epoch, [m.offset for m in msgs]):
+                    records.append(msgs[i])
+                    size += len(msgs[i].value or b"")
             if records and started is None:
                 started = self.clock()
             if not records:
@@ -299,34 +366,49 @@ class StreamConsumer:
             if in_flight is None or in_flight.done():
                 break
         # A partition re-positioned while we collected: its records here are stale (it will be re-read).
-        stale = {p for p, e in epochs.items() if self._epoch.get(p, 0) != e}
+        stale = {p for p, e in epochs.items() if self.parts.epoch(p) != e}
         if stale:
             records = [r for r in records if r.partition not in stale]
         return records, {p: e for p, e in epochs.items() if p not in stale}
 
-    def _trip(self, exc: CircuitOpen) -> None:
-        log.error("circuit breaker open: stopped consuming", extra={"stream": self.stream, "detail": str(exc)})
-        self.metrics.circuit_open.labels(self.stream).set(1)
-        self.totals.stopped_by = str(exc)
+    async def _poll(self, consumer: AIOKafkaConsumer, *, timeout_ms: int,
+                    max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
+        """``getmany``; a partition whose fetch position is out of range is re-positioned (and judged against
+        the log's bounds there) instead of raising."""
+        try:
+            return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+        except OffsetOutOfRangeError as exc:
+            out_of_range = {tp.partition for tp in (exc.args[0] if exc.args else {}) if tp.topic == self.topic}
+            log.warning("fetch position out of range; re-positioning",
+                        extra={"stream": self.stream, "partitions": sorted(out_of_range)})
+            self._reposition(consumer, out_of_range, out_of_range=True)
+        except NoOffsetForPartitionError:
+            pass  # an unpositioned partition (paused): it is sought explicitly before it is read
+        return {}
+
+    def _stop_stream(self, kind: str, why: str) -> None:
+        log.error("stream stopped", extra={"stream": self.stream, "reason": kind, "detail": why})
+        if kind == "circuit_open":
+            self.metrics.circuit_open.labels(self.stream).set(1)
+        else:
+            self.metrics.log_mismatch_stopped.labels(self.stream).set(1)
+        self.totals.stopped_by, self.totals.stop_kind = why, kind
 
     async def _write(self, consumer: AIOKafkaConsumer, staged: Staged, epochs: dict[int, int]) -> None:
         """One attempt to commit ``staged``. Only records of partitions still positioned as when they were
         fetched (same epoch) and at or past the stored position are written: a rebalance or a fence may have
         moved them since, and those records are re-read from the new position instead."""
         async with self._lock:
-            live = [r for r in staged.records
-                    if self._epoch.get(r.partition, 0) == epochs.get(r.partition)
-                    and r.partition in self._positions and r.offset >= self._positions[r.partition]]
+            live = [r for r in staged.records if self.parts.writable(r.partition, epochs.get(r.partition), r.offset)]
             if not live:
                 return
             if len(live) != len(staged.records):
                 staged = self.pipeline.restage(live)
-            expected = {p: self._positions[p] for p in staged.prepared.advance}
+            expected = self.parts.expected(staged.prepared.advance)
             async with self.pool.acquire() as conn:
                 outcome = await self.pipeline.commit(conn, staged, expected)
             for p, nxt in staged.prepared.advance.items():
-                if p in self._positions:  # else revoked while we wrote (on_revoked's wait ran out): stays forgotten
-                    self._positions[p] = max(self._positions[p], nxt)
+                self.parts.advance(p, nxt)  # a partition revoked while we wrote stays forgotten
         self.totals.add(outcome)
         self._after_commit(consumer)
 
@@ -348,11 +430,7 @@ class StreamConsumer:
             self.metrics.fenced.labels(self.stream).inc()
             log.warning("batch fenced: another owner moved the offsets; re-seeking",
                         extra={"stream": self.stream, "partitions": list(fenced.partitions)})
-        for p in {r.partition for r in staged.records}:
-            if p in self._positions:
-                self._forget(p)
-                self._unpositioned.add(p)
-        self._apply_pause(consumer)
+        self._reposition(consumer, {r.partition for r in staged.records})
 
     async def _retrying(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
                         action: Callable[[], Any], failed: BaseException | None = None) -> bool:
@@ -366,7 +444,7 @@ class StreamConsumer:
                     exc, failed = failed, None
                     raise exc
                 await action()
-            except (offsets.Fenced, CircuitOpen):
+            except (offsets.Fenced, CircuitOpen, LogMismatch):
                 if attempt:
                     self._set_paused(consumer, None)  # the fault is over; the caller handles the fence
                 raise
@@ -386,7 +464,7 @@ class StreamConsumer:
                 attempt += 1
                 deadline = self.clock() + delay
                 while self.clock() < deadline:
-                    await consumer.getmany(timeout_ms=int(max(0.01, deadline - self.clock()) * 1000))
+                    await self._poll(consumer, timeout_ms=int(max(0.01, deadline - self.clock()) * 1000))
                     self.state.last_turn = self.clock()
                 if stop.is_set():
                     log.warning("stopping with a batch unwritten; it will be re-read", extra={"stream": self.stream})
@@ -405,22 +483,34 @@ class StreamConsumer:
         self._apply_pause(consumer, everything=reason is not None)
 
     def _refresh_lag(self, consumer: AIOKafkaConsumer) -> None:
-        """Lag gauges from the last fetch's high watermarks (at most once a second)."""
+        """Lag gauges from the last fetch's high watermarks (at most once a second). A high watermark below the
+        cursor means the log lost what we read (recreated, truncated): the partition is re-positioned, where the
+        log's bounds are checked (a broker may answer such fetches with no error and no records)."""
         now = self.clock()
         if now - self._last_lag_refresh < 1.0:
             return
         self._last_lag_refresh = now
-        for p, at in self._positions.items():
+        shrunk = set()
+        for p, s in self.parts.positioned().items():
             high = consumer.highwater(self._tp(p))
-            if high is not None:
-                self.metrics.lag.labels(self.stream, str(p)).set(max(0, high - max(at, 0)))
+            if high is None:
+                continue
+            if high < s.cursor:
+                shrunk.add(p)
+                self.metrics.lag.labels(self.stream, str(p)).set(high)  # unknown, but never 0 while unread
+            else:
+                self.metrics.lag.labels(self.stream, str(p)).set(high - s.position)
+        if shrunk:
+            log.warning("high watermark below the position; re-positioning",
+                        extra={"stream": self.stream, "partitions": sorted(shrunk)})
+            self._reposition(consumer, shrunk)
 
     def _after_commit(self, consumer: AIOKafkaConsumer) -> None:
         self._refresh_lag(consumer)
         now = self.clock()
         if (self._kafka_commit is None or self._kafka_commit.done()) and now - self._last_kafka_commit >= 1.0:
             self._last_kafka_commit = now
-            snapshot = {self._tp(p): at for p, at in self._positions.items() if at >= 0}
+            snapshot = {self._tp(p): s.stored for p, s in self.parts.positioned().items() if s.stored >= 0}
             self._kafka_commit = asyncio.create_task(self._commit_kafka(consumer, snapshot))
 
     async def _commit_kafka(self, consumer: AIOKafkaConsumer, snapshot: dict[TopicPartition, int]) -> None:
@@ -433,26 +523,30 @@ class StreamConsumer:
             log.debug("kafka commit skipped", extra={"stream": self.stream, "error": type(exc).__name__})
 
     def _caught_up(self, consumer: AIOKafkaConsumer) -> bool:
-        if not self.state.joined or self._unpositioned:
+        """Every assigned partition is positioned and its position is exactly the high watermark (a position
+        past it is a mismatch, never "caught up")."""
+        if not self.state.joined or self.parts.unpositioned():
             return False
-        assigned = consumer_partitions(consumer, self.topic)
-        for p in assigned:
+        positioned = self.parts.positioned()
+        for p in consumer_partitions(consumer, self.topic):
             high = consumer.highwater(self._tp(p))
-            at = self._positions.get(p)
-            if high is None or at is None or max(at, 0) < high:
+            s = positioned.get(p)
+            if high is None or s is None or s.position != high:
                 return False
         return True
 
     def positioned(self) -> bool:
         """True when every assigned partition has been positioned from Postgres."""
-        return bool(self.state.assigned) and not self._unpositioned and set(self._positions) >= self.state.assigned
+        return bool(self.state.assigned) and set(self.parts.positioned()) >= self.state.assigned
 
     def lag(self, consumer: AIOKafkaConsumer) -> dict[int, int | None]:
-        """Per assigned partition: high watermark minus stored offset (None until the first fetch)."""
+        """Per assigned partition: high watermark minus the position (None until positioned and fetched; the
+        high watermark itself when the position is past it)."""
         out: dict[int, int | None] = {}
+        positioned = self.parts.positioned()
         for p in consumer_partitions(consumer, self.topic):
-            high, at = consumer.highwater(self._tp(p)), self._positions.get(p)
-            out[p] = None if high is None or at is None else max(0, high - max(at, 0))
+            high, s = consumer.highwater(self._tp(p)), positioned.get(p)
+            out[p] = None if high is None or s is None else (high - s.position if s.position <= high else high)
         return out
 
 

@@ -100,6 +100,16 @@ class Metrics:
                                     ["mode"], registry=r)
         self.circuit_open = Gauge("ingest_circuit_open", "1 when the dead-letter circuit breaker stopped the stream.",
                                   ["stream"], registry=r)
+        self.log_mismatches = Counter(
+            "ingest_log_mismatches", "Stored positions the Kafka log no longer held, by kind (beyond_end, "
+            "below_start) and the action taken (reset: moved to the log start; stop: the stream stopped).",
+            ["stream", "kind", "action"], registry=r)
+        self.log_gap_records = Counter("ingest_log_gap_records",
+                                       "Records removed from the Kafka log before they were read (see offset_changes).",
+                                       ["stream"], registry=r)
+        self.log_mismatch_stopped = Gauge("ingest_log_mismatch_stopped",
+                                          "1 when the stream stopped on a stored position outside the log.",
+                                          ["stream"], registry=r)
         self.fenced = Counter("ingest_fenced_batches", "Batches rolled back because another owner moved the offset.",
                               ["stream"], registry=r)
         self.quota_decisions = Counter("ingest_quota_decisions",

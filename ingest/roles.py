@@ -74,6 +74,7 @@ class Tables:
     dead_letters: str
     ledger: str
     offsets: str
+    offset_changes: str
     quota: tuple[str, ...]
 
 
@@ -96,7 +97,7 @@ def grants(roles: Roles, tables: Tables) -> list[Grant]:
 
     The writer's list mirrors the hot path's statements (``offsets``, ``dedupe``, ``writer``, the quota
     overrides reader): COPY into the event tables (never SELECT), claim/unclaim keys in the ledger, COPY dead
-    letters, read and advance offsets, read quota overrides. The reader may SELECT the event tables only,
+    letters, read and advance offsets, record position changes, read quota overrides. The reader may SELECT the event tables only,
     filtered by the tenant policy."""
     w, r = roles.writer, roles.reader
     out = [Grant("INSERT", t, w) for t in tables.events]
@@ -104,7 +105,8 @@ def grants(roles: Roles, tables: Tables) -> list[Grant]:
             Grant("UPDATE", tables.ledger, w, ("seen_at",)), Grant("DELETE", tables.ledger, w)]
     out += [Grant("INSERT", tables.dead_letters, w)]
     out += [Grant("SELECT", tables.offsets, w), Grant("INSERT", tables.offsets, w),
-            Grant("UPDATE", tables.offsets, w, ("next_offset", "updated_at"))]
+            Grant("UPDATE", tables.offsets, w, ("next_offset", "updated_at")),
+            Grant("INSERT", tables.offset_changes, w)]
     out += [Grant("SELECT", t, w) for t in tables.quota]
     out += [Grant("SELECT", t, r) for t in tables.events]
     return out

@@ -38,6 +38,7 @@ class Tables:
     dead_letters: str = "dead_letters"
     ledger: str = "dedupe_keys"
     offsets: str = "consumer_offsets"
+    offset_changes: str = "offset_changes"
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from ingest.services import connect_redis, create_pool, with_database
 
 log = logging.getLogger("ingest.cli")
 EXIT_CIRCUIT_OPEN = 4
+EXIT_LOG_MISMATCH = 5
 
 
 def register(sub: Any) -> None:
@@ -140,10 +141,12 @@ async def _consume(args: argparse.Namespace, config: Config) -> int:
     stopper.cancel()
     totals = task.result()
     print(orjson.dumps({name: vars_of(t) for name, t in totals.items()}).decode())
-    tripped = [t.stopped_by for t in totals.values() if t.stopped_by]
-    for why in tripped:
-        print(f"ingest: circuit breaker: {why}", file=sys.stderr)
-    return EXIT_CIRCUIT_OPEN if tripped else 0
+    stopped = {t.stop_kind: t.stopped_by for t in totals.values() if t.stop_kind}
+    for kind, why in stopped.items():
+        print(f"ingest: {'circuit breaker' if kind == 'circuit_open' else 'log mismatch'}: {why}", file=sys.stderr)
+    if "log_mismatch" in stopped:
+        return EXIT_LOG_MISMATCH
+    return EXIT_CIRCUIT_OPEN if stopped else 0
 
 
 def vars_of(obj: Any) -> dict[str, Any]:

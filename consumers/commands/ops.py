@@ -241,6 +241,8 @@ async def _lag(args: argparse.Namespace, config: Config) -> int:
             stored = "-" if r["stored_offset"] is None else r["stored_offset"]
             end = "-" if r["end_offset"] is None else r["end_offset"]
             flag = "  > max" if (r["lag"] or 0) > args.max_lag else ""
+            if r["mismatch"]:
+                flag += f"  position outside the log ({r['mismatch']}): see `ingest offsets show`"
             print(f"  {r['partition']:>9} {stored:>12} {end:>12} {_n(r['lag']):>10}{flag}")
     print(f"{'ok' if ok else 'LAGGING'}: worst partition lag {worst} (max {args.max_lag})")
     return 0 if ok else 1

@@ -37,8 +37,10 @@ def consumer(max_rows: int = 5000, max_age_ms: int = 200) -> StreamConsumer:
     config = dataclasses.replace(Config(), batch=BatchLimits(max_rows=max_rows,
                                                              max_age=timedelta(milliseconds=max_age_ms)))
     sc = StreamConsumer(config=config, stream="webhook", topic=TOPIC, group="g", pipeline=None,  # type: ignore[arg-type]
-                        pool=None, metrics=Metrics(), offsets_table="consumer_offsets")  # type: ignore[arg-type]
-    sc._positions, sc._cursor, sc._epoch = {0: 0}, {0: 0}, {0: 1}
+                        pool=None, metrics=Metrics(), offsets_table="consumer_offsets",
+                        changes_table="offset_changes")  # type: ignore[arg-type]
+    sc.parts.assign({0})
+    sc.parts.position(0, 0, start=0)
     return sc
 
 

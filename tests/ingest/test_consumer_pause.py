@@ -60,9 +60,12 @@ async def test_fenced_retry_lifts_the_pause() -> None:
     metrics = Metrics()
     pipeline = AmbiguousThenFenced()
     sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
-                        pool=FakePool(), metrics=metrics, offsets_table="consumer_offsets")  # type: ignore[arg-type]
+                        pool=FakePool(), metrics=metrics, offsets_table="consumer_offsets",
+                        changes_table="offset_changes")  # type: ignore[arg-type]
     kafka = FakeKafka()
-    sc._positions, sc._cursor, sc._epoch = {0: 10}, {0: 15}, {0: 1}
+    sc.parts.assign({0})
+    sc.parts.position(0, 10, start=0)
+    sc.parts.accept(0, 1, range(10, 15))
     prepared = Prepared()
     prepared.advance = {0: 15}
     staged = Staged([SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(10, 15)], prepared, [], 0)
@@ -74,4 +77,4 @@ async def test_fenced_retry_lifts_the_pause() -> None:
     assert metrics.registry.get_sample_value("ingest_fenced_batches_total", {"stream": "webhook"}) == 1
     assert sc.state.paused_reason is None
     assert metrics.registry.get_sample_value("ingest_paused", {"stream": "webhook", "reason": "postgres"}) == 0
-    assert 0 in sc._unpositioned and kafka.paused == {0}  # paused only until re-positioned from Postgres
+    assert sc.parts.unpositioned() == {0} and kafka.paused == {0}  # paused only until re-positioned from Postgres

@@ -48,15 +48,18 @@ class FakePool:
 
 async def test_write_landing_after_revocation_does_not_fail() -> None:
     sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=None,  # type: ignore[arg-type]
-                        pool=FakePool(), metrics=Metrics(), offsets_table="consumer_offsets")  # type: ignore[arg-type]
+                        pool=FakePool(), metrics=Metrics(), offsets_table="consumer_offsets",
+                        changes_table="offset_changes")  # type: ignore[arg-type]
     sc.pipeline = RevokedDuringCommit(sc)  # type: ignore[assignment]
-    sc._positions, sc._cursor, sc._epoch = {0: 10}, {0: 15}, {0: 1}
+    sc.parts.assign({0})
+    sc.parts.position(0, 10, start=0)
+    sc.parts.accept(0, 1, range(10, 15))
     records = [SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(10, 15)]
     prepared = Prepared()
     prepared.advance = {0: 15}
 
     await sc._write(FakeKafka(), Staged(records, prepared, [], 0), {0: 1})  # type: ignore[arg-type]
 
-    assert 0 not in sc._positions, "a revoked partition must stay forgotten (its next owner positions it)"
+    assert sc.parts.get(0) is None, "a revoked partition must stay forgotten (its next owner positions it)"
     assert sc.totals.stored == 5 and sc.totals.batches == 1
     await asyncio.sleep(0)

@@ -67,9 +67,12 @@ def batch(first: int) -> Staged:
 async def test_failed_write_invalidates_batches_staged_after_it(error: BaseException) -> None:
     pipeline = FakePipeline(error)
     sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
-                        pool=FakePool(), metrics=Metrics(), offsets_table="consumer_offsets")  # type: ignore[arg-type]
+                        pool=FakePool(), metrics=Metrics(), offsets_table="consumer_offsets",
+                        changes_table="offset_changes")  # type: ignore[arg-type]
     kafka = FakeKafka()
-    sc._positions, sc._cursor, sc._epoch = {0: 10}, {0: 20}, {0: 1}
+    sc.parts.assign({0})
+    sc.parts.position(0, 10, start=0)
+    assert sc.parts.accept(0, 1, range(10, 20)) == list(range(10))  # positioned at 10, read to 20, epoch 1
     epochs = {0: 1}
     first, second = batch(10), batch(15)
 
@@ -82,11 +85,11 @@ async def test_failed_write_invalidates_batches_staged_after_it(error: BaseExcep
     pipeline.error = None
     await sc._write(kafka, second, epochs)  # type: ignore[arg-type]
     assert pipeline.commits == []
-    assert 0 in sc._unpositioned and 0 not in sc._positions  # re-read from Postgres's position instead
+    assert sc.parts.unpositioned() == {0} and not sc.parts.positioned()  # re-read from Postgres's position instead
 
     # Even once the partition is positioned again at 10 (the loop seeks before N+1's write runs), N+1's
     # records belong to the old position epoch and stay unwritable: writing them would skip 10..14.
-    await sc._seek(kafka, [0], {0: 10})  # type: ignore[arg-type]
-    assert sc._positions == {0: 10}
+    await sc._seek(kafka, [0], {0: 10}, {0: offsets.LogBounds(0, 20)})  # type: ignore[arg-type]
+    assert {p: s.stored for p, s in sc.parts.positioned().items()} == {0: 10}
     await sc._write(kafka, second, epochs)  # type: ignore[arg-type]
     assert pipeline.commits == []

@@ -59,7 +59,8 @@ async def _hangs() -> None:
 def consumer_with(commit: Callable[[], Coroutine[Any, Any, None]]) -> tuple[StreamConsumer, FakeKafka]:
     kafka = FakeKafka()
     sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=FakePipeline(),  # type: ignore[arg-type]
-                        pool=None, metrics=Metrics(), offsets_table="consumer_offsets")  # type: ignore[arg-type]
+                        pool=None, metrics=Metrics(), offsets_table="consumer_offsets",
+                        changes_table="offset_changes")  # type: ignore[arg-type]
     sc.build_consumer = lambda: kafka  # type: ignore[assignment, return-value, method-assign]
     sc._kafka_commit = asyncio.get_running_loop().create_task(commit())
     return sc, kafka

@@ -24,7 +24,8 @@ def test_prefix_is_validated_and_names_are_derived() -> None:
 
 def test_grants_are_exactly_the_hot_path_and_quote_names() -> None:
     r = roles.Roles.from_prefix("p")
-    t = roles.Tables(events=("ev",), dead_letters="dl", ledger="lg", offsets="of", quota=("q", "qv"))
+    t = roles.Tables(events=("ev",), dead_letters="dl", ledger="lg", offsets="of", offset_changes="oc",
+                    quota=("q", "qv"))
     sql = [g.sql() for g in roles.grants(r, t)]
     assert sql == [
         'GRANT INSERT ON TABLE "ev" TO "p_writer"',
@@ -36,6 +37,7 @@ def test_grants_are_exactly_the_hot_path_and_quote_names() -> None:
         'GRANT SELECT ON TABLE "of" TO "p_writer"',
         'GRANT INSERT ON TABLE "of" TO "p_writer"',
         'GRANT UPDATE ("next_offset", "updated_at") ON TABLE "of" TO "p_writer"',
+        'GRANT INSERT ON TABLE "oc" TO "p_writer"',
         'GRANT SELECT ON TABLE "q" TO "p_writer"',
         'GRANT SELECT ON TABLE "qv" TO "p_writer"',
         'GRANT SELECT ON TABLE "ev" TO "p_reader"',

@@ -225,7 +225,8 @@ async def test_publisher_for_config_and_stream_consumer_use_the_config(pki: dict
     seen: dict[str, Any] = {}
     monkeypatch.setattr(consumer_mod, "AIOKafkaConsumer", lambda **kw: seen.update(kw))
     sc = StreamConsumer(config=cfg, stream="webhook", topic="t", group="g", pipeline=None,  # type: ignore[arg-type]
-                        pool=None, metrics=Metrics(), offsets_table="consumer_offsets")  # type: ignore[arg-type]
+                        pool=None, metrics=Metrics(), offsets_table="consumer_offsets",
+                        changes_table="offset_changes")  # type: ignore[arg-type]
     sc.build_consumer()
     assert seen["security_protocol"] == "SASL_SSL" and seen["sasl_plain_password"] == SECRET
     assert isinstance(seen["ssl_context"], ssl.SSLContext) and seen["bootstrap_servers"] == "127.0.0.1:1"
