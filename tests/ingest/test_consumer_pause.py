@@ -4,37 +4,16 @@ the retry set: ``ingest_paused`` and the /healthz ``paused`` field must not stay
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
-
-from aiokafka import TopicPartition
 
 from ingest import offsets
 from ingest.config import Config
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
 from ingest.pipeline import Prepared, SimpleRecord, Staged
+from tests.fakes import FakeKafka, FakePool
 
 TOPIC = "events.webhook"
-
-
-class FakeKafka:
-    def __init__(self) -> None:
-        self.paused: set[int] = set()
-
-    def assignment(self) -> set[TopicPartition]:
-        return {TopicPartition(TOPIC, 0)}
-
-    def pause(self, *tps: TopicPartition) -> None:
-        self.paused |= {tp.partition for tp in tps}
-
-    def resume(self, *tps: TopicPartition) -> None:
-        self.paused -= {tp.partition for tp in tps}
-
-    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, Any]:
-        await asyncio.sleep(timeout_ms / 1000)
-        return {}
 
 
 class AmbiguousThenFenced:
@@ -48,12 +27,6 @@ class AmbiguousThenFenced:
         if self.calls == 1:
             raise ConnectionResetError("connection lost during COMMIT")
         raise offsets.Fenced([0])
-
-
-class FakePool:
-    @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[None]:
-        yield None
 
 
 async def test_fenced_retry_lifts_the_pause() -> None:

@@ -4,28 +4,15 @@ slower than the rebalance) must complete quietly: no KeyError reported as a tran
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
-
-from aiokafka import TopicPartition
 
 from ingest.config import Config
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
 from ingest.pipeline import Outcome, Prepared, SimpleRecord, Staged
+from tests.fakes import FakeKafka, FakePool
 
 TOPIC = "events.webhook"
-
-
-class FakeKafka:
-    def assignment(self) -> set[TopicPartition]:
-        return set()
-
-    def highwater(self, tp: TopicPartition) -> int | None:
-        return None
-
-    async def commit(self, offsets: Any) -> None: ...
 
 
 class RevokedDuringCommit:
@@ -40,12 +27,6 @@ class RevokedDuringCommit:
         return Outcome(stored=5, duplicates=0, rejected=0, quota_exceeded=0, write_seconds=0.0)
 
 
-class FakePool:
-    @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[None]:
-        yield None
-
-
 async def test_write_landing_after_revocation_does_not_fail() -> None:
     sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=None,  # type: ignore[arg-type]
                         pool=FakePool(), metrics=Metrics(), offsets_table="consumer_offsets",
@@ -58,7 +39,7 @@ async def test_write_landing_after_revocation_does_not_fail() -> None:
     prepared = Prepared()
     prepared.advance = {0: 15}
 
-    await sc._write(FakeKafka(), Staged(records, prepared, [], 0), {0: 1})  # type: ignore[arg-type]
+    await sc._write(FakeKafka(assigned=()), Staged(records, prepared, [], 0), {0: 1})  # type: ignore[arg-type]
 
     assert sc.parts.get(0) is None, "a revoked partition must stay forgotten (its next owner positions it)"
     assert sc.totals.stored == 5 and sc.totals.batches == 1

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
 
 from ingest import offsets
 from ingest.config import Config
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
 from ingest.pipeline import Prepared, SimpleRecord, Staged
+from tests.fakes import FakeKafka, FakePool
 
 TOPIC = "events.webhook"
-
-
-class FakeKafka:
-    def assignment(self) -> set[TopicPartition]:
-        return {TopicPartition(TOPIC, 0)}
-
-    def pause(self, *tps: TopicPartition) -> None: ...
-    def resume(self, *tps: TopicPartition) -> None: ...
-    def seek(self, tp: TopicPartition, offset: int) -> None: ...
-
-    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, Any]:
-        await asyncio.sleep(timeout_ms / 1000)
-        return {}
 
 
 class FakePipeline:
@@ -45,12 +30,6 @@ class FakePipeline:
 
     def restage(self, records: Any) -> Staged:
         return staged(list(records))
-
-
-class FakePool:
-    @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[None]:
-        yield None
 
 
 def staged(records: list[SimpleRecord]) -> Staged:

@@ -9,32 +9,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
 
 from ingest.config import Config
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
+from tests.fakes import FakeKafka
 
 TOPIC = "events.webhook"
-
-
-class FakeKafka:
-    def __init__(self) -> None:
-        self.stopped = False
-
-    def subscribe(self, topics: list[str], listener: Any = None) -> None: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None:
-        self.stopped = True
-
-    def assignment(self) -> set[TopicPartition]:
-        return set()
-
-    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, Any]:
-        await asyncio.sleep(timeout_ms / 1000)
-        return {}
 
 
 class FakePipeline:
@@ -57,7 +38,7 @@ async def _hangs() -> None:
 
 
 def consumer_with(commit: Callable[[], Coroutine[Any, Any, None]]) -> tuple[StreamConsumer, FakeKafka]:
-    kafka = FakeKafka()
+    kafka = FakeKafka(assigned=())
     sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=FakePipeline(),  # type: ignore[arg-type]
                         pool=None, metrics=Metrics(), offsets_table="consumer_offsets",
                         changes_table="offset_changes")  # type: ignore[arg-type]

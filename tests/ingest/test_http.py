@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ingest import http
 from ingest.consumer import State
 from ingest.metrics import Metrics
+from tests.fakes import FakeKafka
 
 
 class Clock:
@@ -30,16 +31,6 @@ class FakeConsumer:
     stream: str
     state: State = field(default_factory=State)
     consumer: Any = None
-
-
-@dataclass
-class FakeCoordinator:
-    coordinator_id: int | None = 1
-
-
-@dataclass
-class FakeKafka:
-    _coordinator: FakeCoordinator = field(default_factory=FakeCoordinator)
 
 
 def ok() -> http.Probe:
