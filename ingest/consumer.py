@@ -113,6 +113,12 @@ class StreamConsumer:
         self.totals = Totals()
         self.state = State()
         self.parts = Partitions()
+        # Series that alerts take increase() of exist from the start at 0, so that their first event counts.
+        for kind in offsets.Kind:
+            if kind is not offsets.Kind.RESET:
+                metrics.log_mismatches.labels(stream, str(kind), config.log_mismatch)
+        metrics.log_gap_records.labels(stream)
+        metrics.log_mismatch_stopped.labels(stream).set(0)
         self._lock = asyncio.Lock()
         self._backoff = Backoff()
         self._kafka_commit: asyncio.Task[None] | None = None

@@ -48,6 +48,10 @@ EXPORTED_METRICS = {
     "ingest_sanitized_total": "counter",
     "ingest_poison_splits_total": "counter",
     "ingest_default_partition_rows": "gauge",
+    "ingest_log_mismatches_total": "counter",
+    "ingest_log_gap_records_total": "counter",
+    "ingest_log_mismatch_stopped": "gauge",
+    "ingest_circuit_open": "gauge",
 }
 # Series Prometheus itself produces for every target.
 PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
@@ -61,6 +65,9 @@ REQUIRED_ALERTS = {
     "IngestConsumerPaused",
     "IngestInstanceDown",
     "IngestDefaultPartitionRows",
+    "IngestLogGap",
+    "IngestPositionBeyondLogEnd",
+    "IngestStoppedOnLogMismatch",
 }
 
 METRICS_PORT = 9108
