@@ -50,6 +50,9 @@ def register(sub: Any) -> None:
     reset.add_argument("--partition", metavar="P", type=int, action="append", default=None,
                        help="only this partition (repeatable; default every partition of the topic)")
     reset.add_argument("--execute", action="store_true", help="apply the plan (default: print it only)")
+    reset.add_argument("--force", action="store_true",
+                       help="skip the live-member check (for brokers that list members after they left, such as "
+                            "the embedded dev broker; a live consumer is still fenced and re-reads the new position)")
     reset.add_argument("--json", action="store_true", help="print the plan as JSON to stdout")
     reset.set_defaults(handler=_reset)
 
@@ -163,7 +166,7 @@ async def _reset(args: argparse.Namespace, config: Config) -> int:
         members = (await status.group_members(config.kafka_bootstrap, [group],
                                               **kafka_security(config.kafka_security))).get(group, {})
         live = members.get("members") or []
-        if live:
+        if live and not args.force:
             print(f"ingest: offsets reset: group {group} has {len(live)} live member(s); stop its consumers first "
                   "(a member with INGEST_INSTANCE_ID leaves only after the session timeout)", file=sys.stderr)
             return EXIT_REFUSED

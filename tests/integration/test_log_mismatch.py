@@ -109,7 +109,8 @@ async def test_strict_policy_stops_with_exit_5_and_moves_nothing(
     assert await db.fetchval("SELECT count(*) FROM offset_changes") == 0
 
     # The operator's fix: replay the recreated topic from its start; then the stream goes on.
-    fix = await asyncio.to_thread(cli, env, "offsets", "reset", "--stream", "webhook", "--to-earliest", "--execute")
+    fix = await asyncio.to_thread(cli, env, "offsets", "reset", "--stream", "webhook", "--to-earliest", "--execute",
+                                "--force")
     assert fix.returncode == 0, fix.stderr
     done = await asyncio.to_thread(cli, {**env, "INGEST_LOG_MISMATCH": "stop"},
                                    "consume", "--stream", "webhook", "--drain")
