@@ -38,8 +38,8 @@ from tests.integration.helpers import drain, kill9, publish, publish_raw, spawn_
 
 NOW = datetime.now(UTC)
 TABLES = [s.table for s in streams.STREAMS.values()]
-PRIVATE = ["dead_letters", "dedupe_keys", "consumer_offsets", "quota_overrides", "quota_overrides_version",
-           "ingest_schema_migrations"]
+PRIVATE = ["dead_letters", "dedupe_keys", "consumer_offsets", "offset_changes", "quota_overrides",
+           "quota_overrides_version", "ingest_schema_migrations"]
 
 
 def as_user(url: str, user: str) -> str:
@@ -158,6 +158,7 @@ def expected_privileges(r: roles.Roles) -> dict[tuple[str, str], set[str]]:
         (r.writer, "dedupe_keys"): {"SELECT", "INSERT", "UPDATE(seen_at)", "DELETE"},
         (r.writer, "dead_letters"): {"INSERT"},
         (r.writer, "consumer_offsets"): {"SELECT", "INSERT", "UPDATE(next_offset)", "UPDATE(updated_at)"},
+        (r.writer, "offset_changes"): {"INSERT"},
         (r.writer, "quota_overrides"): {"SELECT"},
         (r.writer, "quota_overrides_version"): {"SELECT"},
         (r.reader, "webhook_events"): {"SELECT"},
