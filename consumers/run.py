@@ -76,7 +76,7 @@ def role_tables() -> pg_roles.Tables:
     return pg_roles.Tables(events=tuple(s.table for s in streams.STREAMS.values()),
                            dead_letters=shared.dead_letters, ledger=shared.ledger, offsets=shared.offsets,
                            offset_changes=shared.offset_changes,
-                           quota=("quota_overrides", "quota_overrides_version"))
+                           quota=tuple(streams.QUOTA_TABLES))
 
 
 async def ensure_partitions(conn: Conn, config: Config) -> list[str]:

@@ -16,6 +16,11 @@ def state_key(prefix: str, stream: str, tenant: str) -> str:
     return f"{prefix}:q:{stream}:{{{tenant}}}"
 
 
+def state_key_pattern(prefix: str) -> str:
+    """A ``SCAN MATCH`` pattern for every state key under ``prefix``."""
+    return f"{prefix}:q:*"
+
+
 def parse_key(prefix: str, key: str) -> tuple[str, str] | None:
     """``(stream, tenant)`` of a ``state_key``, or None."""
     head = f"{prefix}:q:"

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ingest.config import QuotaConfig
 from ingest.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ class Limits:
     def tolerance_us(self) -> float:
         """GCRA tolerance tau = burst * T: how far ahead of now the theoretical arrival time may run."""
         return self.effective_burst * self.interval_us
+
+
+def default_limits(quota: QuotaConfig) -> Limits:
+    """The limits of a tenant without overrides."""
+    return Limits(quota.default_per_second, quota.default_burst, quota.default_per_day)
 
 
 @dataclass(frozen=True, slots=True)

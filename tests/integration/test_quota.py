@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from consumers import quotas, sample
+from consumers import quotas, sample, streams
 from ingest.config import Config
 from ingest.metrics import Metrics
 from ingest.quota.gcra import SCRIPT, LocalLimiter, parse_state, script_args, state_ttl_ms
@@ -103,7 +103,8 @@ async def test_lua_script_and_python_gcra_agree(bare_redis: tuple[Redis, str]) -
 def make(config: Config, redis: Redis, pool: asyncpg.Pool, *, clock: Clock | None, default: Limits = UNLIMITED,
          refresh_s: float = 2.0, **kw: Any) -> RedisQuota:
     metrics = kw.pop("metrics", None) or Metrics()
-    book = LimitBook("webhook", default, PostgresOverrides(pool), refresh_s=refresh_s, metrics=metrics)
+    book = LimitBook("webhook", default, PostgresOverrides(pool, streams.QUOTA_TABLES), refresh_s=refresh_s,
+                     metrics=metrics)
     return RedisQuota(redis, prefix=config.redis_prefix, stream="webhook", book=book, clock=clock,
                       metrics=metrics, **kw)
 

@@ -1,10 +1,10 @@
-"""ingest.quota.usage: what ``ingest quota get/list`` shows, computed from a state without changing it."""
+"""ingest.quota.admin: what ``ingest quota get/list`` shows, computed from a state without changing it."""
 
 from __future__ import annotations
 
+from ingest.quota.admin import usage
 from ingest.quota.gcra import DAY_US, judge
 from ingest.quota.limits import US, Limits
-from ingest.quota.usage import usage
 from tests.ingest.quota.helpers import T0
 
 
