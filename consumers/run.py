@@ -103,8 +103,7 @@ def maintenance(config: Config, rt: Runtime, pool: asyncpg.Pool | None = None) -
         pool or rt.pool, status.policies(config, list(streams.STREAMS.values())),
         lock_timeout_ms=cfg.lock_timeout_ms, interval=cfg.maintenance_interval.total_seconds(),
         archive=cfg.retention_action == "archive", export_dir=cfg.export_dir or None,
-        registry=rt.metrics.registry, default_rows_gauge=rt.metrics.default_partition_rows,
-        ledger=ledger_policy(config))
+        metrics=rt.metrics, ledger=ledger_policy(config))
 
 
 def ledger_policy(config: Config) -> LedgerPolicy:
