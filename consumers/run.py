@@ -76,7 +76,7 @@ def role_tables() -> pg_roles.Tables:
     return pg_roles.Tables(events=tuple(s.table for s in streams.STREAMS.values()),
                            dead_letters=shared.dead_letters, ledger=shared.ledger, offsets=shared.offsets,
                            offset_changes=shared.offset_changes,
-                           quota=("quota_overrides", "quota_overrides_version"))
+                           quota=tuple(streams.QUOTA_TABLES))
 
 
 async def ensure_partitions(conn: Conn, config: Config) -> list[str]:
@@ -103,8 +103,7 @@ def maintenance(config: Config, rt: Runtime, pool: asyncpg.Pool | None = None) -
         pool or rt.pool, status.policies(config, list(streams.STREAMS.values())),
         lock_timeout_ms=cfg.lock_timeout_ms, interval=cfg.maintenance_interval.total_seconds(),
         archive=cfg.retention_action == "archive", export_dir=cfg.export_dir or None,
-        registry=rt.metrics.registry, default_rows_gauge=rt.metrics.default_partition_rows,
-        ledger=ledger_policy(config))
+        metrics=rt.metrics, ledger=ledger_policy(config))
 
 
 def ledger_policy(config: Config) -> LedgerPolicy:

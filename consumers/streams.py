@@ -10,6 +10,7 @@ from typing import Any
 
 from ingest.config import Config
 from ingest.contract import Contract
+from ingest.quota.overrides import OverrideTables
 from ingest.writer import Tables
 
 META_COLUMNS = ("kafka_timestamp", "source_partition", "source_offset")
@@ -68,3 +69,7 @@ def migrations() -> list[tuple[int, str, str]]:
             version, _, rest = item.name.partition("_")
             out.append((int(version), rest.removesuffix(".sql"), item.read_text("utf-8")))
     return sorted(out)
+
+
+QUOTA_TABLES = OverrideTables(overrides="quota_overrides", version="quota_overrides_version")
+"""Per-tenant quota overrides (every stream's) and their version row (schemas/sql/002_quotas.sql)."""

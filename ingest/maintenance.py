@@ -9,7 +9,8 @@ Rules kept here:
   ``<= midnight(now - retention)``. Partition names and export file names derive only from computed dates.
 - Export (optional) streams ``COPY (SELECT * FROM part) TO STDOUT`` (CSV with header) into
   ``<export_dir>/<table>_pYYYYMMDD.csv.gz`` before the partition is detached; a failed export keeps it.
-- Rows in the DEFAULT partition are counted every round (``Report.default_rows``; the optional gauge is set).
+- Rows in the DEFAULT partition are counted every round (``Report.default_rows``, and the gauge with
+  ``metrics``).
 - The dedupe ledger (optional ``ledger``) loses keys older than its window, in chunks of ``chunk`` rows per
   transaction and at most ``budget_s`` seconds per round (the next round goes on). A key past the window already
   counts as new when it comes again, so deleting it changes no verdict; it only stops the ledger growing forever.
@@ -31,9 +32,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple
 
 import asyncpg
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ingest import partitions
+from ingest.metrics import Metrics
 from ingest.partitions import Partition
 from ingest.sql import ident
 
@@ -86,24 +87,6 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class _Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.runs = Counter("ingest_partition_maintenance_runs", "Partition maintenance rounds by result "
-                            "(ok, skipped: another process held the lock, failed).", ["result"], registry=registry)
-        self.lock_timeouts = Counter("ingest_partition_lock_timeouts",
-                                     "Partition DDL given up on lock_timeout (retried next round).", ["table"],
-                                     registry=registry)
-        self.actions = Counter("ingest_partition_changes", "Partitions created, dropped or archived.",
-                               ["table", "action"], registry=registry)
-        self.ahead = Gauge("ingest_partition_coverage_ahead_seconds",
-                           "End of the last partition minus now (should stay above a day).", ["table"],
-                           registry=registry)
-        self.ledger_pruned = Counter("ingest_ledger_pruned", "Expired dedupe-ledger keys deleted.",
-                                     registry=registry)
-        self.last_success = Gauge("ingest_partition_maintenance_last_success_timestamp_seconds",
-                                  "Unix time of the last completed maintenance round.", registry=registry)
-
-
 class Maintenance:
     """Keeps each table's partitions covering ``[now - retention, now + premake]``; see the module rules."""
 
@@ -118,8 +101,7 @@ class Maintenance:
         archive: bool = False,
         archive_schema: str = "archive",
         export_dir: str | os.PathLike[str] | None = None,
-        registry: CollectorRegistry | None = None,
-        default_rows_gauge: Gauge | None = None,
+        metrics: Metrics | None = None,
         lock_key: int = LOCK_KEY,
         ledger: LedgerPolicy | None = None,
     ) -> None:
@@ -134,8 +116,7 @@ class Maintenance:
         self.clock = clock
         self.archive_schema = archive_schema if archive else None
         self.export_dir = Path(export_dir) if export_dir is not None else None
-        self.metrics = _Metrics(registry) if registry is not None else None
-        self.default_rows_gauge = default_rows_gauge
+        self.metrics = metrics.maintenance if metrics is not None else None
         self.lock_key = lock_key
 
     # -- rounds -------------------------------------------------------------------------------------------------
@@ -227,8 +208,8 @@ class Maintenance:
             self._lock_timeout(report, table, "count default")
         else:
             report.default_rows[table] = rows
-            if self.default_rows_gauge is not None:
-                self.default_rows_gauge.labels(table).set(rows)
+            if self.metrics:
+                self.metrics.default_rows.labels(table).set(rows)
             if rows:
                 log.warning("rows in the DEFAULT partition (a missing partition or an out-of-window row)",
                             extra={"table": table, "rows": rows})

@@ -60,6 +60,27 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
+class MaintenanceMetrics:
+    """The series of partition maintenance (``ingest.maintenance``); get them from ``Metrics.maintenance``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.runs = Counter("ingest_partition_maintenance_runs", "Partition maintenance rounds by result "
+                            "(ok, skipped: another process held the lock, failed).", ["result"], registry=r)
+        self.lock_timeouts = Counter("ingest_partition_lock_timeouts",
+                                     "Partition DDL given up on lock_timeout (retried next round).", ["table"],
+                                     registry=r)
+        self.actions = Counter("ingest_partition_changes", "Partitions created, dropped or archived.",
+                               ["table", "action"], registry=r)
+        self.ahead = Gauge("ingest_partition_coverage_ahead_seconds",
+                           "End of the last partition minus now (should stay above a day).", ["table"], registry=r)
+        self.ledger_pruned = Counter("ingest_ledger_pruned", "Expired dedupe-ledger keys deleted.", registry=r)
+        self.last_success = Gauge("ingest_partition_maintenance_last_success_timestamp_seconds",
+                                  "Unix time of the last completed maintenance round.", registry=r)
+        self.default_rows = Gauge("ingest_default_partition_rows",
+                                  "Rows in a DEFAULT (safety-net) partition; should be 0.", ["table"], registry=r)
+
+
 class Metrics:
     """All series ingest exports; see docs/metrics.md for the meaning of each."""
 
@@ -92,9 +113,6 @@ class Metrics:
                                  registry=r)
         self.poison_splits = Counter("ingest_poison_splits", "Batches split to isolate rows Postgres refused.",
                                      ["stream"], registry=r)
-        self.default_partition_rows = Gauge("ingest_default_partition_rows",
-                                            "Rows in a DEFAULT (safety-net) partition; should be 0.", ["table"],
-                                            registry=r)
         self.quota_degraded = Gauge("ingest_quota_degraded",
                                     "1 while Redis is unreachable for quotas, by mode (paused or fail_open).",
                                     ["mode"], registry=r)
@@ -128,6 +146,15 @@ class Metrics:
         self.tenant_label_min_events = tenant_label_min_events  # volume (a proven lower bound) a tenant needs before it gets one
         self._tenant_labels: dict[str, set[str]] = {}  # stream -> tenants with a label (never revoked)
         self._tenant_volume: dict[str, dict[str, int]] = {}  # stream -> Misra-Gries counters of the others
+        self._maintenance: MaintenanceMetrics | None = None
+
+    @property
+    def maintenance(self) -> MaintenanceMetrics:
+        """The partition-maintenance series, registered on first use: a process that runs no maintenance
+        exports none of them (no ``..._last_success_timestamp_seconds 0`` from a consumer with it disabled)."""
+        if self._maintenance is None:
+            self._maintenance = MaintenanceMetrics(self.registry)
+        return self._maintenance
 
     def observe_tenants(self, stream: str, counts: dict[str, dict[str | None, int]]) -> None:
         """Count one batch per tenant: ``counts[outcome][tenant] = records`` (tenant None = unknown).

@@ -73,3 +73,19 @@ def test_per_stream_partition_policies() -> None:
     assert partitions_for(from_env({}), "audit") == from_env({}).partitions
     with pytest.raises(SettingsError, match="INGEST_WEBHOOK_PARTITION_GRANULARITY"):
         from_env({"INGEST_WEBHOOK_PARTITION_GRANULARITY": "hour"})
+
+
+def test_quota_settings() -> None:
+    cfg = from_env({})
+    assert (cfg.quota.default_per_second, cfg.quota.default_burst, cfg.quota.default_per_day) == (0, 0, 0)
+    assert cfg.quota.refresh == timedelta(seconds=2) and cfg.quota.fail_open is False
+    cfg = from_env({"INGEST_QUOTA_DEFAULT_PER_SECOND": "2.5", "INGEST_QUOTA_DEFAULT_BURST": "10",
+                    "INGEST_QUOTA_DEFAULT_PER_DAY": "1000", "INGEST_QUOTA_REFRESH_SECONDS": "0.5",
+                    "INGEST_QUOTA_FAIL_OPEN": "true"})
+    assert (cfg.quota.default_per_second, cfg.quota.default_burst, cfg.quota.default_per_day) == (2.5, 10, 1000)
+    assert cfg.quota.refresh == timedelta(milliseconds=500) and cfg.quota.fail_open is True
+    for name, value in [("INGEST_QUOTA_DEFAULT_PER_SECOND", "-1"), ("INGEST_QUOTA_DEFAULT_BURST", "x"),
+                        ("INGEST_QUOTA_REFRESH_SECONDS", "0"), ("INGEST_QUOTA_FAIL_OPEN", "maybe"),
+                        ("INGEST_QUOTA_DEFAULT_PER_SECOND", "inf")]:
+        with pytest.raises(SettingsError, match=name):
+            from_env({name: value})

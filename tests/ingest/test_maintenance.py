@@ -15,9 +15,9 @@ from typing import Any
 
 import asyncpg
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
 
 from ingest.maintenance import LOCK_KEY, LedgerPolicy, Maintenance, Report, TablePolicy
+from ingest.metrics import Metrics
 from tests.fakes import Call, FakeConn, FakePool
 
 TABLE = "ev"
@@ -48,7 +48,7 @@ class Catalog:
         self.export = [b"id,received_at\n", b"1,2024-03-05\n"]
         self.fail: dict[str, BaseException] = {}
         self.conn = FakeConn(self.answer)
-        self.registry = CollectorRegistry()  # the metrics of every Maintenance made by ``maintenance``
+        self.metrics = Metrics()  # the metrics of every Maintenance made by ``maintenance``
 
     def answer(self, call: Call) -> Any:
         sql = call.sql
@@ -86,13 +86,13 @@ class Catalog:
 
 
 def maintenance(catalog: Catalog, **kw: Any) -> Maintenance:
-    kw.setdefault("registry", catalog.registry)
+    kw.setdefault("metrics", catalog.metrics)
     return Maintenance(FakePool(catalog.conn), [kw.pop("policy", POLICY)], clock=lambda: NOW,  # type: ignore[arg-type]
                        **kw)
 
 
 def sample(catalog: Catalog, name: str, **labels: str) -> float | None:
-    return catalog.registry.get_sample_value(name, labels)
+    return catalog.metrics.registry.get_sample_value(name, labels)
 
 
 def listing(path: Path) -> list[str]:
@@ -295,13 +295,11 @@ async def test_archive_moves_expired_partitions_to_the_archive_schema() -> None:
 async def test_rows_in_default_are_counted_and_moved_into_new_partitions(caplog: pytest.LogCaptureFixture) -> None:
     catalog = Catalog()
     catalog.default_rows, catalog.moved = 3, 4
-    gauges = CollectorRegistry()
-    gauge = Gauge("default_rows", "rows in DEFAULT", ["table"], registry=gauges)
     caplog.set_level(logging.WARNING, logger="ingest.maintenance")
-    report = await maintenance(catalog, default_rows_gauge=gauge).run_once()
+    report = await maintenance(catalog).run_once()
     assert report.default_rows == {TABLE: 3}
     assert report.moved_from_default == {"ev_p20240311": 4, "ev_p20240312": 4}
-    assert gauges.get_sample_value("default_rows", {"table": TABLE}) == 3
+    assert sample(catalog, "ingest_default_partition_rows", table=TABLE) == 3
     messages = [r.getMessage() for r in caplog.records]
     assert "rows in the DEFAULT partition (a missing partition or an out-of-window row)" in messages
     assert messages.count("moved rows from the DEFAULT partition into a new partition") == 2
@@ -339,7 +337,7 @@ async def test_ledger_expiry_is_skipped_without_prune_and_gives_up_on_lock_timeo
     catalog = Catalog()
     catalog.expired_keys = 12
     ledger = LedgerPolicy("dedupe_keys", window=timedelta(days=30), chunk=5)
-    without_prune = maintenance(catalog, ledger=ledger, registry=CollectorRegistry())
+    without_prune = maintenance(catalog, ledger=ledger, metrics=Metrics())
     assert (await without_prune.run_once(prune=False)).ledger_pruned == 0
     assert deletes(catalog.conn) == []
     catalog.fail["^WITH gone AS"] = LOCK_TIMEOUT

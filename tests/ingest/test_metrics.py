@@ -176,3 +176,27 @@ def test_batch_histogram_exposes_what_a_histogram_fed_value_by_value_would() -> 
     assert want.keys() == got.keys()
     for name, value in want.items():
         assert got[name] == pytest.approx(value), name
+
+
+MAINTENANCE_SERIES = (  # docs/metrics.md, docs/partitions.md and deploy/ use these names
+    "ingest_partition_maintenance_runs_total", "ingest_partition_lock_timeouts_total", "ingest_partition_changes_total",
+    "ingest_partition_coverage_ahead_seconds", "ingest_ledger_pruned_total",
+    "ingest_partition_maintenance_last_success_timestamp_seconds", "ingest_default_partition_rows",
+)
+
+
+def test_maintenance_series_are_registered_once_on_first_use_with_their_documented_names() -> None:
+    m = Metrics()
+    before = generate_latest(m.registry).decode()
+    assert not [name for name in MAINTENANCE_SERIES if name in before]  # this process runs no maintenance
+    mm = m.maintenance
+    assert m.maintenance is mm  # one set per registry, however many Maintenance objects use it
+    mm.runs.labels("ok").inc()
+    mm.lock_timeouts.labels("t").inc()
+    mm.actions.labels("t", "created").inc()
+    mm.ahead.labels("t").set(86_400)
+    mm.ledger_pruned.inc(3)
+    mm.last_success.set(1.0)
+    mm.default_rows.labels("t").set(2)
+    samples = {s.name for metric in m.registry.collect() for s in metric.samples}
+    assert set(MAINTENANCE_SERIES) <= samples

@@ -19,7 +19,6 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 
 from consumers import run, streams
 from ingest import dedupe, partitions
@@ -81,9 +80,10 @@ async def test_creates_ahead_and_prunes_exactly_what_is_past_retention(pool: asy
     assert report.created == days(-120, -4) and report.dropped == []
     assert [p.relname for p in await attached(db)] == days(-120, 2)
 
-    registry = CollectorRegistry()
+    metrics = Metrics()
+    registry = metrics.registry
     m = Maintenance(pool, [TablePolicy(TABLE, "day", timedelta(days=90), timedelta(days=2))], clock=clock(),
-                    registry=registry)
+                    metrics=metrics)
     report = await m.run_once()
     assert report.created == []
     assert report.dropped == report.detached == days(-120, -91)  # END <= midnight(TODAY - 90)
@@ -273,7 +273,7 @@ async def test_rows_in_default_are_reported_then_moved_into_their_new_partition(
     assert await db.fetchval(f"SELECT count(*) FROM {TABLE}_default") == 3
     metrics = Metrics()
     m = Maintenance(pool, [TablePolicy(TABLE, "day", timedelta(days=3), timedelta(days=2))], clock=clock(),
-                    default_rows_gauge=metrics.default_partition_rows)
+                    metrics=metrics)
     report = await m.run_once()
     assert report.default_rows == {TABLE: 3}
     assert metrics.registry.get_sample_value("ingest_default_partition_rows", {"table": TABLE}) == 3
@@ -314,10 +314,11 @@ async def test_late_event_lands_in_its_partition_and_out_of_window_ones_are_dead
 
 
 async def test_run_forever_repeats_until_stopped_and_survives_failures(config: Config) -> None:
-    registry = CollectorRegistry()
+    metrics = Metrics()
+    registry = metrics.registry
     pool = await create_pool(config.database_url, max_size=1)
     m = Maintenance(pool, [TablePolicy(TABLE, "day", timedelta(days=3), timedelta(days=2))], clock=clock(),
-                    interval=0.05, registry=registry)
+                    interval=0.05, metrics=metrics)
     stop = asyncio.Event()
     task = asyncio.create_task(m.run_forever(stop))
     try:
@@ -349,8 +350,9 @@ async def test_ledger_keys_past_the_window_are_deleted_in_chunks_and_no_verdict_
             SELECT 'webhook', 'org-1', 'young-' || g, $1::timestamptz FROM generate_series(1, 700) AS g""",
         NOW - timedelta(days=6))
     policy = LedgerPolicy(ledger, timedelta(days=7), chunk=1000)
-    registry = CollectorRegistry()
-    m = Maintenance(pool, [], clock=clock(), ledger=policy, registry=registry)
+    metrics = Metrics()
+    registry = metrics.registry
+    m = Maintenance(pool, [], clock=clock(), ledger=policy, metrics=metrics)
     preview = await m.run_once(dry_run=True)
     assert preview.ledger_pruned == 2500
     assert await db.fetchval(f"SELECT count(*) FROM {ledger}") == 3200  # a dry run deletes nothing

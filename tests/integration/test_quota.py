@@ -1,5 +1,5 @@
-"""Quotas against the real Redis and Postgres: burst then rate and the daily cap with a controlled clock, one
-budget across processes, live limit changes, Redis outages (paused and fail-open), one round trip for 5,000
+"""Quotas against the real Redis and Postgres: the Lua script and the Python GCRA agree (Redis alone), burst
+then rate and the daily cap with a controlled clock, one budget across processes, live limit changes, Redis outages (paused and fail-open), one round trip for 5,000
 tenants, the CLI, and the whole consumer (over-quota events dead-lettered, then replayed once)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -18,20 +19,16 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from consumers import quotas, sample
+from consumers import quotas, sample, streams
 from ingest.config import Config
 from ingest.metrics import Metrics
-from ingest.quota import (
-    US,
-    LimitBook,
-    Limits,
-    LocalLimiter,
-    PostgresOverrides,
-    RedisQuota,
-    parse_state,
-    state_key,
-)
+from ingest.quota.gcra import SCRIPT, LocalLimiter, parse_state, script_args, state_ttl_ms
+from ingest.quota.keys import state_key
+from ingest.quota.limits import US, LimitBook, Limits
+from ingest.quota.overrides import PostgresOverrides
+from ingest.quota.stage import RedisQuota
 from ingest.services import create_pool
+from tests.integration.conftest import REDIS_URL
 from tests.integration.helpers import drain, publish, publish_raw, start_redis, stop_redis, stored_keys
 
 UNLIMITED = Limits()
@@ -60,10 +57,54 @@ async def redis(config: Config) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+@pytest.fixture
+async def bare_redis() -> AsyncIterator[tuple[Redis, str]]:
+    """Redis alone (no broker, no database) and a key prefix of this test's own; its keys are deleted after."""
+    client = Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=3)
+    prefix = f"t_{uuid.uuid4().hex[:10]}"
+    try:
+        yield client, prefix
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def test_lua_script_and_python_gcra_agree(bare_redis: tuple[Redis, str]) -> None:
+    """The same calls (keys, counts, limits, now) to the Lua script in Redis and to the Python GCRA: the same
+    admitted counts, the same stored state, the same expiry. Random limits per call (fractional rates, burst
+    0 = default, caps, unlimited), repeated instants, and steps across UTC midnight and whole days."""
+    redis, prefix = bare_redis
+    script = redis.register_script(SCRIPT)
+    local = LocalLimiter()
+    rng = random.Random(11)
+    profiles = [Limits(), Limits(0.5), Limits(3, 10), Limits(7, 3, 40), Limits(1000, 50, 120), Limits(12_345.6),
+                Limits(per_day=25), Limits(2, 5, 30), Limits(1e-4, 4)]
+    keys = [state_key(prefix, "gcra", f"t{i}") for i in range(8)]
+    now = round(datetime(2024, 3, 1, 23, 58, 0, tzinfo=UTC).timestamp() * US)
+    for _ in range(400):
+        now += rng.choice([0, 0, 0, 1, 997, 100_000, 370_000, US, 3 * US, 40 * US, 86_400 * US])
+        chosen = rng.sample(keys, rng.randint(1, len(keys)))
+        batch = [(k, rng.choice([0, 1, 1, 2, 5, 30, 400]), rng.choice(profiles)) for k in chosen]
+        expected = local.decide(batch, now)
+        got = await script(keys=chosen, args=script_args(now, [(c, lim) for _, c, lim in batch]))
+        assert [int(k) for k in got] == expected, (now, batch)
+        pipe = redis.pipeline()
+        for k in chosen:
+            pipe.get(k)
+            pipe.pttl(k)
+        replies = await pipe.execute()
+        for k, value, pttl in zip(chosen, replies[::2], replies[1::2], strict=True):
+            assert parse_state(value) == local.states[k], (k, now)
+            assert 0 <= state_ttl_ms(local.states[k], now) - pttl < 1000, (k, now)
+
+
 def make(config: Config, redis: Redis, pool: asyncpg.Pool, *, clock: Clock | None, default: Limits = UNLIMITED,
          refresh_s: float = 2.0, **kw: Any) -> RedisQuota:
     metrics = kw.pop("metrics", None) or Metrics()
-    book = LimitBook("webhook", default, PostgresOverrides(pool), refresh_s=refresh_s, metrics=metrics)
+    book = LimitBook("webhook", default, PostgresOverrides(pool, streams.QUOTA_TABLES), refresh_s=refresh_s,
+                     metrics=metrics)
     return RedisQuota(redis, prefix=config.redis_prefix, stream="webhook", book=book, clock=clock,
                       metrics=metrics, **kw)
 
