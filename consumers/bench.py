@@ -91,12 +91,12 @@ def _values(opts: BenchOptions) -> Any:
 
 
 async def _produce(bootstrap: str, topic: str, opts: BenchOptions, progress: bool,
-                   security: KafkaSecurity | None = None) -> int:
+                   security: KafkaSecurity) -> int:
     """Backlog: records go straight into per-partition batches (murmur2 of the key, like Kafka's default
     partitioner). Rate: ordinary keyed sends with a 5 ms linger, paced to ``opts.rate`` (the Kafka timestamp is
     taken when a record is handed to the producer, so latency includes the producer's linger)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5 if opts.rate else 20,
-                                max_batch_size=1 << 20, **kafka_security(security or KafkaSecurity()))
+                                max_batch_size=1 << 20, **kafka_security(security))
     await producer.start()
     sent = 0
     try:

@@ -1,6 +1,8 @@
 """Build the one ``Config`` from the environment. No other module reads ``os.environ``.
 
-Each setting is declared once in ``SETTINGS`` (name, default, meaning); the README table is checked against it.
+Each setting is declared once in ``SETTINGS`` (name, default, meaning): the only place a default is written (the
+``ingest.config`` dataclasses have none; ``from_env({})`` is the all-defaults ``Config``). The README table is
+checked against it.
 Any setting ``NAME`` may instead be given as ``NAME_FILE``, the path of a file holding the value (a mounted
 Kubernetes or Docker secret; one trailing newline is ignored); setting both is an error. Error messages show
 values with URL passwords masked, never the content of a secret.

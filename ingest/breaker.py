@@ -19,9 +19,9 @@ from datetime import timedelta
 class BreakerConfig:
     """``max_ratio >= 1`` disables the breaker."""
 
-    max_ratio: float = 0.5
-    min_records: int = 1000
-    window: timedelta = timedelta(seconds=60)
+    max_ratio: float
+    min_records: int
+    window: timedelta
 
 
 class CircuitOpen(Exception):

@@ -40,9 +40,9 @@ class NulPolicy(StrEnum):
 class DecodeLimits:
     """Transport limits applied before schema validation."""
 
-    max_bytes: int = 256 * 1024
-    max_depth: int = 32
-    nul_policy: NulPolicy = NulPolicy.REPLACE
+    max_bytes: int
+    max_depth: int
+    nul_policy: NulPolicy
 
 
 @dataclass(frozen=True, slots=True)

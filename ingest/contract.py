@@ -36,8 +36,8 @@ class UnsupportedSchema(ValueError):
 class TimeWindow:
     """Accepted ``occurred_at`` range relative to ``now()``: older or newer events are dead-lettered."""
 
-    max_age: timedelta = timedelta(days=90)
-    max_ahead: timedelta = timedelta(days=1)
+    max_age: timedelta
+    max_ahead: timedelta
 
 
 def parse_rfc3339(text: str) -> datetime:

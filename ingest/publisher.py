@@ -34,10 +34,10 @@ def encode(event: Mapping[str, Any], contract: Contract, limits: DecodeLimits,
 class Publisher:
     """Sends events of one stream to its topic. Use as ``async with Publisher(...) as pub: await pub.send(e)``."""
 
-    def __init__(self, *, bootstrap: str, topic: str, contract: Contract, limits: DecodeLimits | None = None,
+    def __init__(self, *, bootstrap: str, topic: str, contract: Contract, limits: DecodeLimits,
                  linger_ms: int = 5, **producer_options: Any) -> None:
         self.topic, self.contract = topic, contract
-        self.limits = limits or DecodeLimits()
+        self.limits = limits
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks="all",
                                           max_batch_size=256 * 1024, **producer_options)
         self._bootstrap = bootstrap

@@ -66,7 +66,8 @@ async def one_run(processes: int, events: int, stream_name: str, keep: bool) -> 
         await run.ensure_all_topics(config)
         t0 = time.perf_counter()
         published = await _produce(config.kafka_bootstrap, topic,
-                                   BenchOptions(events=events, stream=stream_name), progress=False)
+                                   BenchOptions(events=events, stream=stream_name), progress=False,
+                                   security=config.kafka_security)
         produce_s = time.perf_counter() - t0
         conn = await asyncpg.connect(config.database_url)
         try:

@@ -9,12 +9,14 @@ import orjson
 import pytest
 
 from consumers.sample import generate
+from consumers.settings import from_env
 from consumers.streams import AUDIT, WEBHOOK, Stream, load_schema
-from ingest.codec import DecodeLimits, decode
-from ingest.contract import Contract, TimeWindow
+from ingest.codec import decode
+from ingest.contract import Contract
 
 NOW = datetime(2024, 6, 15, 12, 0, 0, tzinfo=UTC)
 STREAMS = [WEBHOOK, AUDIT]
+DEFAULTS = from_env({})
 
 
 @pytest.mark.parametrize("stream", STREAMS, ids=lambda s: s.name)
@@ -29,11 +31,11 @@ def test_deterministic_per_seed(stream: Stream) -> None:
 
 @pytest.mark.parametrize("stream", STREAMS, ids=lambda s: s.name)
 def test_every_event_passes_the_contract(stream: Stream) -> None:
-    contract = Contract(load_schema(stream.schema_file), stream.columns, TimeWindow())
+    contract = Contract(load_schema(stream.schema_file), stream.columns, DEFAULTS.window)
     events = list(generate(stream.name, 2000, n_tenants=25, dup_rate=0.2, seed=3, now=NOW))
     for event in events:
         for raw in (orjson.dumps(event), json.dumps(event).encode()):
-            decoded = decode(raw, DecodeLimits())
+            decoded = decode(raw, DEFAULTS.decode)
             assert not decoded.sanitized
             values = contract.extract(decoded.obj, NOW)
             assert values[:2] == (event["tenant_id"], event["idempotency_key"])

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from consumers.settings import from_env
 from ingest.codec import DecodeLimits, NulPolicy, decode
 from ingest.reject import Reason, Rejected
 
-LIMITS = DecodeLimits()
+LIMITS = from_env({}).decode
 
 
 def reason_of(raw: bytes | None, limits: DecodeLimits = LIMITS) -> Reason:
@@ -23,7 +25,7 @@ def test_tombstone() -> None:
 
 
 def test_too_large_uses_the_configured_limit() -> None:
-    limits = DecodeLimits(max_bytes=64)
+    limits = dataclasses.replace(LIMITS, max_bytes=64)
     at_limit = b'{"a":"' + b"x" * (64 - 8) + b'"}'
     assert len(at_limit) == 64
     assert decode(at_limit, limits).obj == {"a": "x" * 56}
@@ -91,7 +93,7 @@ def nested(depth: int) -> bytes:
 
 
 def test_too_deep_at_the_limit() -> None:
-    limits = DecodeLimits(max_depth=8)
+    limits = dataclasses.replace(LIMITS, max_depth=8)
     assert decode(nested(8), limits).obj is not None
     assert reason_of(nested(9), limits) is Reason.TOO_DEEP
     assert reason_of(b'{"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{}}}}}}}}}', limits) is Reason.TOO_DEEP
@@ -104,14 +106,14 @@ def test_very_deep_is_too_deep_not_a_crash(depth: int) -> None:
 
 
 def test_brackets_inside_strings_do_not_count_as_depth() -> None:
-    limits = DecodeLimits(max_depth=4)
+    limits = dataclasses.replace(LIMITS, max_depth=4)
     raw = json.dumps({"a": "[" * 50 + "{" * 50, "b": [{"c": "]]]"}]}).encode()
     assert raw.count(b"[") + raw.count(b"{") > 4
     assert decode(raw, limits).obj["a"] == "[" * 50 + "{" * 50
 
 
 def test_nul_reject() -> None:
-    limits = DecodeLimits(nul_policy=NulPolicy.REJECT)
+    limits = dataclasses.replace(LIMITS, nul_policy=NulPolicy.REJECT)
     assert reason_of(b'{"p":{"a":"x\\u0000y"}}', limits) is Reason.NUL_CHARACTER
     assert reason_of(b'{"p":{"k\\u0000":1}}', limits) is Reason.NUL_CHARACTER
     assert reason_of(b'{"a": ["x", {"b": "\\u0000"}]}', limits) is Reason.NUL_CHARACTER
@@ -120,20 +122,20 @@ def test_nul_reject() -> None:
 @pytest.mark.parametrize("policy", list(NulPolicy))
 def test_top_level_keys_and_strings_are_left_to_the_schema(policy: NulPolicy) -> None:
     """Contract fields are top-level strings: the schema (no control characters) must see the NUL and refuse."""
-    d = decode(b'{"event_type":"a\\u0000b","tenant_id\\u0000":"x"}', DecodeLimits(nul_policy=policy))
+    d = decode(b'{"event_type":"a\\u0000b","tenant_id\\u0000":"x"}', dataclasses.replace(LIMITS, nul_policy=policy))
     assert d.obj == {"event_type": "a\x00b", "tenant_id\x00": "x"}
     assert d.sanitized is False
 
 
 def test_nul_replace() -> None:
-    limits = DecodeLimits(nul_policy=NulPolicy.REPLACE)
+    limits = dataclasses.replace(LIMITS, nul_policy=NulPolicy.REPLACE)
     d = decode(b'{"a":"x\\u0000y","p":{"k\\u0000":["\\u0000"]}}', limits)
     assert d.obj == {"a": "x\x00y", "p": {"k\ufffd": ["\ufffd"]}}
     assert d.sanitized is True
 
 
 def test_nul_strip() -> None:
-    limits = DecodeLimits(nul_policy=NulPolicy.STRIP)
+    limits = dataclasses.replace(LIMITS, nul_policy=NulPolicy.STRIP)
     d = decode(b'{"p": {"a": "x\\u0000y", "k\\u0000": {"n": "\\u0000\\u0000"}}}', limits)
     assert d.obj == {"p": {"a": "xy", "k": {"n": ""}}}
     assert d.sanitized is True
@@ -144,7 +146,7 @@ def test_nul_strip() -> None:
     (NulPolicy.STRIP, b'{"p":{"a\\u0000":1,"a":2}}'),
 ])
 def test_sanitising_never_merges_keys(policy: NulPolicy, raw: bytes) -> None:
-    assert reason_of(raw, DecodeLimits(nul_policy=policy)) is Reason.DUPLICATE_KEY
+    assert reason_of(raw, dataclasses.replace(LIMITS, nul_policy=policy)) is Reason.DUPLICATE_KEY
 
 
 def test_default_policy_is_replace() -> None:
@@ -155,14 +157,14 @@ def test_default_policy_is_replace() -> None:
 def test_escaped_backslash_then_u0000_text_is_not_nul(policy: NulPolicy) -> None:
     raw = b'{"a":"\\\\u0000"}'  # JSON text {"a":"\\u0000"}: a backslash followed by the characters u0000
     assert raw == json.dumps({"a": "\\u0000"}).replace(" ", "").encode()
-    d = decode(raw, DecodeLimits(nul_policy=policy))
+    d = decode(raw, dataclasses.replace(LIMITS, nul_policy=policy))
     assert d.obj == {"a": "\\u0000"}
     assert d.sanitized is False
 
 
 @pytest.mark.parametrize("policy", list(NulPolicy))
 def test_no_nul_means_not_sanitized(policy: NulPolicy) -> None:
-    d = decode(b'{"a":"plain"}', DecodeLimits(nul_policy=policy))
+    d = decode(b'{"a":"plain"}', dataclasses.replace(LIMITS, nul_policy=policy))
     assert d.obj == {"a": "plain"} and d.sanitized is False
 
 

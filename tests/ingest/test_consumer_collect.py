@@ -9,7 +9,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from ingest.config import BatchLimits, Config
+from consumers.settings import from_env
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
 from ingest.pipeline import SimpleRecord
@@ -34,8 +34,9 @@ class TrickleKafka:
 
 
 def consumer(max_rows: int = 5000, max_age_ms: int = 200) -> StreamConsumer:
-    config = dataclasses.replace(Config(), batch=BatchLimits(max_rows=max_rows,
-                                                             max_age=timedelta(milliseconds=max_age_ms)))
+    config = from_env({})
+    config = dataclasses.replace(config, batch=dataclasses.replace(
+        config.batch, max_rows=max_rows, max_age=timedelta(milliseconds=max_age_ms)))
     sc = StreamConsumer(config=config, stream="webhook", topic=TOPIC, group="g", pipeline=None,  # type: ignore[arg-type]
                         pool=None, metrics=Metrics(), offsets_table="consumer_offsets",
                         changes_table="offset_changes")  # type: ignore[arg-type]

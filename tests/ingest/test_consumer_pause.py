@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from consumers.settings import from_env
 from ingest import offsets
-from ingest.config import Config
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
 from ingest.pipeline import Prepared, SimpleRecord, Staged
@@ -32,7 +32,7 @@ class AmbiguousThenFenced:
 async def test_fenced_retry_lifts_the_pause() -> None:
     metrics = Metrics()
     pipeline = AmbiguousThenFenced()
-    sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
+    sc = StreamConsumer(config=from_env({}), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
                         pool=FakePool(), metrics=metrics, offsets_table="consumer_offsets",
                         changes_table="offset_changes")  # type: ignore[arg-type]
     kafka = FakeKafka()

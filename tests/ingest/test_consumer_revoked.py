@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ingest.config import Config
+from consumers.settings import from_env
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
 from ingest.pipeline import Outcome, Prepared, SimpleRecord, Staged
@@ -28,7 +28,7 @@ class RevokedDuringCommit:
 
 
 async def test_write_landing_after_revocation_does_not_fail() -> None:
-    sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=None,  # type: ignore[arg-type]
+    sc = StreamConsumer(config=from_env({}), stream="webhook", topic=TOPIC, group="g", pipeline=None,  # type: ignore[arg-type]
                         pool=FakePool(), metrics=Metrics(), offsets_table="consumer_offsets",
                         changes_table="offset_changes")  # type: ignore[arg-type]
     sc.pipeline = RevokedDuringCommit(sc)  # type: ignore[assignment]

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from consumers.settings import from_env
 from ingest import offsets
-from ingest.config import Config
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
 from ingest.pipeline import Prepared, SimpleRecord, Staged
@@ -45,7 +45,7 @@ def batch(first: int) -> Staged:
 @pytest.mark.parametrize("error", [ConnectionError("postgres went away"), offsets.Fenced([0])])
 async def test_failed_write_invalidates_batches_staged_after_it(error: BaseException) -> None:
     pipeline = FakePipeline(error)
-    sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
+    sc = StreamConsumer(config=from_env({}), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
                         pool=FakePool(), metrics=Metrics(), offsets_table="consumer_offsets",
                         changes_table="offset_changes")  # type: ignore[arg-type]
     kafka = FakeKafka()

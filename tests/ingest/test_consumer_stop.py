@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ingest.config import Config
+from consumers.settings import from_env
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
 from tests.fakes import FakeKafka
@@ -39,7 +39,7 @@ async def _hangs() -> None:
 
 def consumer_with(commit: Callable[[], Coroutine[Any, Any, None]]) -> tuple[StreamConsumer, FakeKafka]:
     kafka = FakeKafka(assigned=())
-    sc = StreamConsumer(config=Config(), stream="webhook", topic=TOPIC, group="g", pipeline=FakePipeline(),  # type: ignore[arg-type]
+    sc = StreamConsumer(config=from_env({}), stream="webhook", topic=TOPIC, group="g", pipeline=FakePipeline(),  # type: ignore[arg-type]
                         pool=None, metrics=Metrics(), offsets_table="consumer_offsets",
                         changes_table="offset_changes")  # type: ignore[arg-type]
     sc.build_consumer = lambda: kafka  # type: ignore[assignment, return-value, method-assign]

@@ -10,14 +10,15 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumers.settings import from_env
 from consumers.streams import AUDIT, WEBHOOK, Stream, load_schema
 from ingest.codec import DecodeLimits, NulPolicy, decode
-from ingest.contract import Contract, TimeWindow
+from ingest.contract import Contract
 from ingest.pipeline import SimpleRecord, prepare
 from ingest.reject import Reason, Rejected
 
 NOW = datetime(2024, 6, 15, 12, 0, 0, tzinfo=UTC)
-WINDOW = TimeWindow()
+WINDOW = from_env({}).window
 CONTRACTS = {s.name: Contract(load_schema(s.schema_file), s.columns, WINDOW) for s in (WEBHOOK, AUDIT)}
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

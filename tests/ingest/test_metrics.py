@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from ingest.codec import DecodeLimits
+from consumers.settings import from_env
 from ingest.metrics import LATENCY_BUCKETS, BatchHistogram, Metrics
 from ingest.pipeline import Outcome, Pipeline, Prepared, Staged
 from ingest.writer import Candidate, WriteResult
@@ -123,7 +123,7 @@ def candidate(tenant: str, key: str) -> Candidate:
 def test_pipeline_attributes_every_outcome_to_a_tenant() -> None:
     m = Metrics()
     m.tenant_label_min_events = 1
-    pipeline = Pipeline(stream="webhook", contract=None, limits=DecodeLimits(), writer=None,  # type: ignore[arg-type]
+    pipeline = Pipeline(stream="webhook", contract=None, limits=from_env({}).decode, writer=None,  # type: ignore[arg-type]
                         hints=None, metrics=m)
     a, b, c, d, e = (candidate("t1", "a"), candidate("t1", "b"), candidate("t2", "c"), candidate("t3", "d"),
                      candidate("t2", "e"))

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from consumers import streams
-from ingest.codec import DecodeLimits
-from ingest.config import Config
+from consumers.settings import from_env
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline, SimpleRecord
 from ingest.writer import Candidate, WriteResult
@@ -26,10 +25,11 @@ class FakeWriter:
 
 
 def pipeline() -> Pipeline:
-    return Pipeline(stream="webhook", contract=streams.WEBHOOK.contract(Config()), limits=DecodeLimits(),
+    return Pipeline(stream="webhook", contract=streams.WEBHOOK.contract(DEFAULTS), limits=DEFAULTS.decode,
                     writer=FakeWriter(), hints=None, metrics=Metrics())  # type: ignore[arg-type]
 
 
+DEFAULTS = from_env({})
 SECRET = b"not json, and secret-looking: hunter2"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -10,9 +11,10 @@ from typing import Any
 import orjson
 import pytest
 
+from consumers.settings import from_env
 from consumers.streams import AUDIT, WEBHOOK, load_schema
 from ingest.codec import DecodeLimits, NulPolicy
-from ingest.contract import Contract, TimeWindow
+from ingest.contract import Contract
 from ingest.pipeline import prepare
 from ingest.reject import Reason
 from ingest.writer import DEAD_LETTER_COLUMNS
@@ -20,9 +22,10 @@ from ingest.writer import DEAD_LETTER_COLUMNS
 NOW = datetime(2024, 6, 15, 12, 0, 0, tzinfo=UTC)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TS_MS = 1_718_452_800_123  # 2024-06-15T12:00:00.123Z
-WEBHOOK_C = Contract(load_schema(WEBHOOK.schema_file), WEBHOOK.columns, TimeWindow())
-AUDIT_C = Contract(load_schema(AUDIT.schema_file), AUDIT.columns, TimeWindow())
-LIMITS = DecodeLimits()
+DEFAULTS = from_env({})
+WEBHOOK_C = Contract(load_schema(WEBHOOK.schema_file), WEBHOOK.columns, DEFAULTS.window)
+AUDIT_C = Contract(load_schema(AUDIT.schema_file), AUDIT.columns, DEFAULTS.window)
+LIMITS = DEFAULTS.decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,23 +158,23 @@ def test_dead_letter_text_never_contains_nul() -> None:
         Rec(raw(headers={"h\x00": 1}), offset=3),
     ]
     for policy in NulPolicy:
-        out = run(*records, limits=DecodeLimits(nul_policy=policy))
+        out = run(*records, limits=dataclasses.replace(LIMITS, nul_policy=policy))
         assert len(out.dead_letters) == 4  # a NUL in a contract field is refused whatever the policy
         rows = [*out.dead_letters, *(c.row for c in out.candidates), *(c.dead_letter for c in out.candidates)]
         for row in rows:
             assert not any(isinstance(v, str) and "\x00" in v for v in row), (policy, row)
-    stripped = run(*records[:2], limits=DecodeLimits(nul_policy=NulPolicy.STRIP))
+    stripped = run(*records[:2], limits=dataclasses.replace(LIMITS, nul_policy=NulPolicy.STRIP))
     assert stripped.candidates == []
-    replaced = run(*records[:2], limits=DecodeLimits(nul_policy=NulPolicy.REPLACE)).dead_letters
+    replaced = run(*records[:2], limits=dataclasses.replace(LIMITS, nul_policy=NulPolicy.REPLACE)).dead_letters
     assert [dead(r)["reason"] for r in replaced] == [Reason.INVALID_TENANT_ID, Reason.INVALID_IDEMPOTENCY_KEY]
     assert dead(replaced[0])["tenant_id"] == "org\ufffd"
     assert dead(replaced[1])["idempotency_key"] == "k\ufffd"
-    rejected = run(*records[:2], limits=DecodeLimits(nul_policy=NulPolicy.REJECT)).dead_letters
+    rejected = run(*records[:2], limits=dataclasses.replace(LIMITS, nul_policy=NulPolicy.REJECT)).dead_letters
     assert [dead(r)["reason"] for r in rejected] == [Reason.INVALID_TENANT_ID, Reason.INVALID_IDEMPOTENCY_KEY]
 
 
 def test_sanitized_counts_only_stored_candidates() -> None:
-    limits = DecodeLimits(nul_policy=NulPolicy.STRIP)
+    limits = dataclasses.replace(LIMITS, nul_policy=NulPolicy.STRIP)
     out = run(Rec(raw(payload={"a": "x\x00"}), offset=0), Rec(raw(idempotency_key="e2", event_type="\x00"), offset=1),
               Rec(raw(idempotency_key="e3"), offset=2), limits=limits)
     assert len(out.candidates) == 2 and len(out.dead_letters) == 1

@@ -4,6 +4,7 @@ are against a local asyncio TLS server using test-made certificates)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from consumers.settings import from_env
 from ingest import consumer as consumer_mod
 from ingest.config import Config, KafkaSecurity
 from ingest.consumer import StreamConsumer
@@ -33,6 +35,12 @@ from ingest.services import ServiceUnavailable, with_database
 from tests.certs import Pair, make_ca, make_cert
 
 SECRET = "pw-Zq8!x@y/z:w"
+DEFAULTS = from_env({})
+
+
+def kafka(**fields: Any) -> KafkaSecurity:
+    """The default Kafka security settings with ``fields`` replaced."""
+    return dataclasses.replace(DEFAULTS.kafka_security, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +58,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pair]]:
 # -- kafka_security -------------------------------------------------------------------------------------------
 
 def test_plaintext_has_no_sasl_and_no_tls() -> None:
-    assert kafka_security(KafkaSecurity()) == {"security_protocol": "PLAINTEXT"}
+    assert kafka_security(kafka()) == {"security_protocol": "PLAINTEXT"}
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
 def test_sasl_plaintext_passes_the_credentials_without_tls(mechanism: str) -> None:
-    sec = KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism=mechanism, sasl_username="u", sasl_password=SECRET)
+    sec = kafka(protocol="SASL_PLAINTEXT", sasl_mechanism=mechanism, sasl_username="u", sasl_password=SECRET)
     check_kafka(sec)
     assert kafka_security(sec) == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": mechanism,
                                    "sasl_plain_username": "u", "sasl_plain_password": SECRET}
@@ -63,7 +71,7 @@ def test_sasl_plaintext_passes_the_credentials_without_tls(mechanism: str) -> No
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
 def test_sasl_ssl_passes_credentials_and_a_verifying_context(mechanism: str, pki: dict[str, Pair]) -> None:
-    sec = KafkaSecurity(protocol="SASL_SSL", sasl_mechanism=mechanism, sasl_username="u", sasl_password=SECRET,
+    sec = kafka(protocol="SASL_SSL", sasl_mechanism=mechanism, sasl_username="u", sasl_password=SECRET,
                         ssl_cafile=str(pki["ca"].cert))
     check_kafka(sec)
     opts = kafka_security(sec)
@@ -76,14 +84,14 @@ def test_sasl_ssl_passes_credentials_and_a_verifying_context(mechanism: str, pki
 
 
 def test_ssl_context_loads_the_test_ca_only(pki: dict[str, Pair]) -> None:
-    ctx = ssl_context(KafkaSecurity(protocol="SSL", ssl_cafile=str(pki["ca"].cert)))
+    ctx = ssl_context(kafka(protocol="SSL", ssl_cafile=str(pki["ca"].cert)))
     assert [dict(c["subject"][0])["commonName"] for c in ctx.get_ca_certs()] == ["ca"]
-    assert not ssl_context(KafkaSecurity(protocol="SSL", ssl_cafile=str(pki["ca"].cert),
+    assert not ssl_context(kafka(protocol="SSL", ssl_cafile=str(pki["ca"].cert),
                                          ssl_check_hostname=False)).check_hostname
 
 
 def test_ssl_without_ca_file_uses_the_system_store() -> None:
-    ctx = ssl_context(KafkaSecurity(protocol="SSL"))
+    ctx = ssl_context(kafka(protocol="SSL"))
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
 
 
@@ -113,25 +121,25 @@ async def _handshake(pki: dict[str, Pair], client: ssl.SSLContext, *, require_cl
 
 
 async def test_the_context_verifies_a_real_server(pki: dict[str, Pair]) -> None:
-    await _handshake(pki, ssl_context(KafkaSecurity(protocol="SSL", ssl_cafile=str(pki["ca"].cert))))
+    await _handshake(pki, ssl_context(kafka(protocol="SSL", ssl_cafile=str(pki["ca"].cert))))
 
 
 async def test_a_wrong_ca_fails_the_handshake(pki: dict[str, Pair]) -> None:
     with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
-        await _handshake(pki, ssl_context(KafkaSecurity(protocol="SSL", ssl_cafile=str(pki["other"].cert))))
+        await _handshake(pki, ssl_context(kafka(protocol="SSL", ssl_cafile=str(pki["other"].cert))))
 
 
 async def test_a_wrong_host_name_fails_unless_hostname_checks_are_off(pki: dict[str, Pair]) -> None:
-    sec = KafkaSecurity(protocol="SSL", ssl_cafile=str(pki["ca"].cert))
+    sec = kafka(protocol="SSL", ssl_cafile=str(pki["ca"].cert))
     with pytest.raises(ssl.SSLCertVerificationError, match=r"mismatch|match"):
         await _handshake(pki, ssl_context(sec), host="kafka.example.com")
-    off = KafkaSecurity(protocol="SSL", ssl_cafile=str(pki["ca"].cert), ssl_check_hostname=False)
+    off = kafka(protocol="SSL", ssl_cafile=str(pki["ca"].cert), ssl_check_hostname=False)
     await _handshake(pki, ssl_context(off), host="kafka.example.com")
 
 
 @pytest.mark.parametrize("which", ["client", "client_enc"])
 async def test_client_certificates_pass_mutual_tls(pki: dict[str, Pair], which: str) -> None:
-    sec = KafkaSecurity(protocol="SSL", ssl_cafile=str(pki["ca"].cert), ssl_certfile=str(pki[which].cert),
+    sec = kafka(protocol="SSL", ssl_cafile=str(pki["ca"].cert), ssl_certfile=str(pki[which].cert),
                         ssl_keyfile=str(pki[which].key), ssl_key_password="k3y" if which == "client_enc" else "")
     check_kafka(sec)
     await _handshake(pki, ssl_context(sec), require_client_cert=True)
@@ -144,20 +152,20 @@ def _name(field: str) -> str:
 
 
 @pytest.mark.parametrize(("sec", "message"), [
-    (KafkaSecurity(protocol="TLS"), "<protocol> must be one of"),
-    (KafkaSecurity(protocol="SASL_SSL", sasl_username="u", sasl_password="p"), "<sasl_mechanism> must be one of"),
-    (KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="GSSAPI", sasl_username="u", sasl_password="p"),
+    (kafka(protocol="TLS"), "<protocol> must be one of"),
+    (kafka(protocol="SASL_SSL", sasl_username="u", sasl_password="p"), "<sasl_mechanism> must be one of"),
+    (kafka(protocol="SASL_SSL", sasl_mechanism="GSSAPI", sasl_username="u", sasl_password="p"),
      "<sasl_mechanism> must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
-    (KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_password="p"),
+    (kafka(protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_password="p"),
      "<sasl_username> is required with <protocol>=SASL_SSL"),
-    (KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="u"),
+    (kafka(protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="u"),
      "<sasl_password> is required with <protocol>=SASL_PLAINTEXT"),
-    (KafkaSecurity(protocol="PLAINTEXT", sasl_mechanism="PLAIN"), "<sasl_mechanism> is set but <protocol>=PLAINTEXT"),
-    (KafkaSecurity(protocol="SSL", sasl_username="u"), "<sasl_username> is set but <protocol>=SSL does not use SASL"),
-    (KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="u", sasl_password="p",
+    (kafka(protocol="PLAINTEXT", sasl_mechanism="PLAIN"), "<sasl_mechanism> is set but <protocol>=PLAINTEXT"),
+    (kafka(protocol="SSL", sasl_username="u"), "<sasl_username> is set but <protocol>=SSL does not use SASL"),
+    (kafka(protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="u", sasl_password="p",
                    ssl_cafile="/etc/hosts"), "<ssl_cafile> is set but <protocol>=SASL_PLAINTEXT does not use TLS"),
-    (KafkaSecurity(protocol="SSL", ssl_cafile="/nonexistent/ca.pem"), "<ssl_cafile>: no such file '/nonexistent/ca.pem'"),
-    (KafkaSecurity(protocol="SSL", ssl_keyfile="/etc/hosts"), "<ssl_keyfile> is set without <ssl_certfile>"),
+    (kafka(protocol="SSL", ssl_cafile="/nonexistent/ca.pem"), "<ssl_cafile>: no such file '/nonexistent/ca.pem'"),
+    (kafka(protocol="SSL", ssl_keyfile="/etc/hosts"), "<ssl_keyfile> is set without <ssl_certfile>"),
 ])
 def test_bad_combinations_are_refused(sec: KafkaSecurity, message: str) -> None:
     with pytest.raises(SecurityError, match=message):
@@ -168,21 +176,21 @@ def test_a_file_that_is_not_pem_is_refused(tmp_path: Path) -> None:
     junk = tmp_path / "ca.pem"
     junk.write_text("not a certificate\n")
     with pytest.raises(SecurityError, match="do not load"):
-        check_kafka(KafkaSecurity(protocol="SSL", ssl_cafile=str(junk)), _name)
+        check_kafka(kafka(protocol="SSL", ssl_cafile=str(junk)), _name)
 
 
 def test_a_key_that_does_not_match_or_needs_a_password_is_refused(pki: dict[str, Pair]) -> None:
-    mismatched = KafkaSecurity(protocol="SSL", ssl_certfile=str(pki["client"].cert), ssl_keyfile=str(pki["server"].key))
+    mismatched = kafka(protocol="SSL", ssl_certfile=str(pki["client"].cert), ssl_keyfile=str(pki["server"].key))
     with pytest.raises(SecurityError, match="do not load"):
         check_kafka(mismatched, _name)
-    locked = KafkaSecurity(protocol="SSL", ssl_certfile=str(pki["client_enc"].cert),
+    locked = kafka(protocol="SSL", ssl_certfile=str(pki["client_enc"].cert),
                            ssl_keyfile=str(pki["client_enc"].key), ssl_key_password="wrong")
     with pytest.raises(SecurityError, match="<ssl_key_password>"):
         check_kafka(locked, _name)
 
 
 def test_check_messages_never_contain_the_password() -> None:
-    sec = KafkaSecurity(protocol="PLAINTEXT", sasl_password=SECRET)
+    sec = kafka(protocol="PLAINTEXT", sasl_password=SECRET)
     with pytest.raises(SecurityError) as err:
         check_kafka(sec)
     assert SECRET not in str(err.value)
@@ -191,7 +199,7 @@ def test_check_messages_never_contain_the_password() -> None:
 # -- every Kafka client gets the options ------------------------------------------------------------------------
 
 def _sasl_ssl(pki: dict[str, Pair]) -> Config:
-    return Config(kafka_bootstrap="127.0.0.1:1", kafka_security=KafkaSecurity(
+    return dataclasses.replace(DEFAULTS, kafka_bootstrap="127.0.0.1:1", kafka_security=kafka(
         protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-256", sasl_username="u", sasl_password=SECRET,
         ssl_cafile=str(pki["ca"].cert)))
 
@@ -291,8 +299,8 @@ def test_redact_text_masks_urls_and_password_assignments() -> None:
 
 
 def test_config_repr_hides_every_password() -> None:
-    cfg = Config(database_url=f"postgresql://u:{SECRET}@h/db", redis_url=f"rediss://u:{SECRET}@r:6380/0",
-                 kafka_security=KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
+    cfg = dataclasses.replace(DEFAULTS, database_url=f"postgresql://u:{SECRET}@h/db", redis_url=f"rediss://u:{SECRET}@r:6380/0",
+                 kafka_security=kafka(protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
                                               sasl_password=SECRET, ssl_key_password=SECRET))
     text = repr(cfg)
     assert SECRET not in text and str(cfg) == text

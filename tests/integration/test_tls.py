@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import pwd
@@ -35,7 +36,6 @@ from redis.exceptions import NoPermissionError
 from consumers import run, sample, settings, status, streams
 from ingest import broker as broker_mod
 from ingest.broker import delete_topics, ensure_topics, listening
-from ingest.config import KafkaSecurity
 from ingest.metrics import Metrics
 from ingest.publisher import Publisher
 from ingest.security import kafka_security
@@ -342,7 +342,8 @@ async def test_a_wrong_ca_fails_with_one_clear_line(servers: Servers, tmp_path: 
         await connect_redis(servers.redis_url(ca=other))
     with pytest.raises(ServiceUnavailable) as kafka_err:
         await ensure_topics(servers.kafka, ["never"], 1, request_timeout_ms=3000,
-                            **kafka_security(KafkaSecurity(protocol="SSL", ssl_cafile=str(other))))
+                            **kafka_security(dataclasses.replace(settings.from_env({}).kafka_security, protocol="SSL",
+                                                                 ssl_cafile=str(other))))
     for err in (pg_err, redis_err, kafka_err):
         text = str(err.value)
         assert "certificate verify failed" in text and "TLS failed: check the CA file" in text and "\n" not in text

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from consumers import sample, streams
+from consumers.settings import from_env
 from ingest import offsets
 from ingest.config import Config
 from ingest.pipeline import SimpleRecord, prepare
@@ -56,8 +57,9 @@ async def write(config: Config, conn: asyncpg.Connection, w: Writer, recs: list[
 
 def events(n: int, seed: int = 1) -> list[bytes | None]:
     from ingest.publisher import encode
-    contract = STREAM.contract(Config())
-    return [encode(e, contract, Config().decode)[1] for e in sample.generate("webhook", n, dup_rate=0, seed=seed)]
+    defaults = from_env({})
+    contract = STREAM.contract(defaults)
+    return [encode(e, contract, defaults.decode)[1] for e in sample.generate("webhook", n, dup_rate=0, seed=seed)]
 
 
 async def test_stale_owner_is_fenced(config: Config, pool: asyncpg.Pool) -> None:
