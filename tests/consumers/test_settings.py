@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from consumers.settings import SETTINGS, SettingsError, from_env
+from consumers.settings import MARKDOWN_COMMAND, SETTINGS, SettingsError, from_env, main, markdown
 from ingest.codec import NulPolicy
 from ingest.config import BatchLimits
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+REFERENCE = ROOT / "docs" / "configuration.md"
 
 
 def test_defaults() -> None:
@@ -58,6 +60,25 @@ def test_readme_table_lists_every_setting_with_its_default() -> None:
     assert set(rows) == {s.env for s in SETTINGS}
     for s in SETTINGS:
         assert rows[s.env] == (f"`{s.default}`" if s.default else "_(empty)_"), s.env
+
+
+def test_the_reference_page_is_generated_from_the_table() -> None:
+    assert REFERENCE.read_text("utf-8") == markdown(), f"docs/configuration.md is out of date: run {MARKDOWN_COMMAND}"
+
+
+def test_the_reference_page_lists_every_setting_with_its_default_and_meaning() -> None:
+    rows = {m[0]: m[1:] for m in re.findall(r"^\| `(INGEST_[A-Z0-9_]+)` \| (.+?) \| (.+) \|$", markdown(), re.M)}
+    assert list(rows) == [s.env for s in SETTINGS]
+    for s in SETTINGS:
+        default, meaning = rows[s.env]
+        assert default == (f"`{s.default}`" if s.default else "_(empty)_"), s.env
+        assert s.doc.strip() and meaning.startswith(s.doc[:10]), s.env
+    assert MARKDOWN_COMMAND in markdown().split("|")[0]  # the page says how it is made, above the table
+
+
+def test_the_markdown_command_prints_the_page(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--markdown"]) == 0
+    assert capsys.readouterr().out == markdown()
 
 
 def test_per_stream_partition_policies() -> None:
