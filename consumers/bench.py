@@ -43,7 +43,7 @@ class BenchOptions:
     tenants: int = 1000
     dup_rate: float = 0.05
     invalid_rate: float = 0.001
-    stream: str = "webhook"
+    stream: str = streams.WEBHOOK.name
     partitions: int = 12
     rate: float = 0.0  # events/s; 0 = backlog mode
     duration: float = 60.0

@@ -15,20 +15,19 @@ import dataclasses
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from consumers.streams import STREAMS
 from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits, NulPolicy
 from ingest.config import BatchLimits, Config, DedupeConfig, KafkaSecurity, PartitionConfig, QuotaConfig
 from ingest.contract import TimeWindow
 from ingest.partitions import GRANULARITIES
 from ingest.security import PROTOCOLS, SecurityError, check_database_url, check_kafka, check_redis_url, redact
-
-STREAM_NAMES = ("webhook", "audit")
 
 
 class SettingsError(ValueError):
@@ -40,6 +39,17 @@ class Setting:
     env: str
     default: str
     doc: str
+
+
+def _per_stream(stream: str, setting: str) -> str:
+    """The name of a per-stream setting: ``INGEST_<STREAM>_<SETTING>``."""
+    return f"INGEST_{stream.upper()}_{setting}"
+
+
+def _listed(names: Iterable[str]) -> str:
+    """The names in backticks: ``"`a` and `b`"``, ``"`a`, `b` and `c`"``."""
+    quoted = [f"`{n}`" for n in names]
+    return f"{', '.join(quoted[:-1])} and {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -57,8 +67,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_MAINTENANCE_DATABASE_URL", "", "Postgres URL of the owner role for `ingest migrate`, `ingest partitions` and the consumers' partition maintenance (default: `INGEST_DATABASE_URL`); see docs/security.md."),
     Setting("INGEST_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL (dedupe hints, quotas); `rediss://user:password@host:6379/0?ssl_ca_certs=/ca.pem` for TLS and an ACL user."),
     Setting("INGEST_REDIS_PREFIX", "ingest", "Prefix of every Redis key ingest writes."),
-    Setting("INGEST_TOPIC_PREFIX", "", "Prefix added to the topic names `events.webhook` and `events.audit`."),
-    Setting("INGEST_GROUP_PREFIX", "ingest", "Consumer groups are `<prefix>.webhook` and `<prefix>.audit`."),
+    Setting("INGEST_TOPIC_PREFIX", "", f"Prefix added to the topic names {_listed(s.topic for s in STREAMS.values())}."),
+    Setting("INGEST_GROUP_PREFIX", "ingest", f"Consumer groups are {_listed(f'<prefix>.{name}' for name in STREAMS)}."),
     Setting("INGEST_INSTANCE_ID", "", "Static group membership id (e.g. the pod name); empty = dynamic membership."),
     Setting("INGEST_TOPIC_PARTITIONS", "12", "Partitions per topic created by `ingest topics ensure`."),
     Setting("INGEST_BATCH_MAX_ROWS", "5000", "A batch closes at this many records..."),
@@ -77,10 +87,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_PARTITION_GRANULARITY", "day", "Event-table partition size: day, week or month."),
     Setting("INGEST_PARTITION_PREMAKE_DAYS", "7", "Partitions are created this far ahead."),
     Setting("INGEST_RETENTION_DAYS", "90", "Event retention; partitions cover at least this far back."),
-    Setting("INGEST_WEBHOOK_PARTITION_GRANULARITY", "", "Per-stream granularity for webhook_events (default: the global one)."),
-    Setting("INGEST_AUDIT_PARTITION_GRANULARITY", "", "Per-stream granularity for audit_events (default: the global one)."),
-    Setting("INGEST_WEBHOOK_RETENTION_DAYS", "", "Per-stream retention for webhook_events (default: the global one)."),
-    Setting("INGEST_AUDIT_RETENTION_DAYS", "", "Per-stream retention for audit_events (default: the global one)."),
+    # INGEST_WEBHOOK_PARTITION_GRANULARITY, INGEST_AUDIT_PARTITION_GRANULARITY, then the *_RETENTION_DAYS pair:
+    *(Setting(_per_stream(name, "PARTITION_GRANULARITY"), "",
+              f"Per-stream granularity for {s.table} (default: the global one).") for name, s in STREAMS.items()),
+    *(Setting(_per_stream(name, "RETENTION_DAYS"), "",
+              f"Per-stream retention for {s.table} (default: the global one).") for name, s in STREAMS.items()),
     Setting("INGEST_MAINTENANCE_INTERVAL_SECONDS", "600", "Partition maintenance in consumers (create ahead, prune, DEFAULT check); 0 disables it."),
     Setting("INGEST_RETENTION_ACTION", "drop", "Partitions past retention are `drop`ped or `archive`d (moved to schema `archive`)."),
     Setting("INGEST_RETENTION_EXPORT_DIR", "", "If set, each partition is written to `DIR/<table>_pYYYYMMDD.csv.gz` before removal."),
@@ -170,16 +181,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     )
 
     def stream_policy(name: str) -> PartitionConfig | None:
-        granularity = raw[f"INGEST_{name.upper()}_PARTITION_GRANULARITY"]
-        days = raw[f"INGEST_{name.upper()}_RETENTION_DAYS"]
-        if not granularity and not days:
+        granularity, days = _per_stream(name, "PARTITION_GRANULARITY"), _per_stream(name, "RETENTION_DAYS")
+        if not raw[granularity] and not raw[days]:
             return None
         return dataclasses.replace(
             partitions,
-            granularity=get(f"INGEST_{name.upper()}_PARTITION_GRANULARITY", choice(GRANULARITIES))
-            if granularity else partitions.granularity,
-            retention=timedelta(days=get(f"INGEST_{name.upper()}_RETENTION_DAYS", positive))
-            if days else partitions.retention,
+            granularity=get(granularity, choice(GRANULARITIES)) if raw[granularity] else partitions.granularity,
+            retention=timedelta(days=get(days, positive)) if raw[days] else partitions.retention,
         )
 
     kafka_security = KafkaSecurity(
@@ -229,7 +237,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
             max_ahead=timedelta(seconds=get("INGEST_ACCEPT_MAX_AHEAD_SECONDS", positive)),
         ),
         partitions=partitions,
-        stream_partitions=tuple((name, cfg) for name in STREAM_NAMES if (cfg := stream_policy(name))),
+        stream_partitions=tuple((name, cfg) for name in STREAMS if (cfg := stream_policy(name))),
         metrics_host=get("INGEST_METRICS_HOST"),
         metrics_port=get("INGEST_METRICS_PORT", int),
         tenant_label_limit=get("INGEST_TENANT_LABEL_LIMIT", positive),

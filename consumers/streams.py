@@ -44,14 +44,17 @@ WEBHOOK = Stream("webhook", "events.webhook", "webhook_events", "webhook.v1.json
 AUDIT = Stream("audit", "events.audit", "audit_events", "audit.v1.json",
                ("tenant_id", "idempotency_key", "action", "actor_id", "occurred_at", "resource", "ip", "metadata"))
 STREAMS: dict[str, Stream] = {s.name: s for s in (WEBHOOK, AUDIT)}
+ALL = "all"
+CHOICES: tuple[str, ...] = (*STREAMS, ALL)
+"""What a ``--stream`` option that may name every stream accepts (``select`` resolves it)."""
 
 
 def select(name: str) -> list[Stream]:
-    """``webhook``, ``audit`` or ``all``."""
-    if name == "all":
+    """The stream called ``name``, or every stream for ``all``."""
+    if name == ALL:
         return list(STREAMS.values())
     if name not in STREAMS:
-        raise ValueError(f"unknown stream {name!r}; choose webhook, audit or all")
+        raise ValueError(f"unknown stream {name!r}; choose {', '.join(CHOICES[:-1])} or {ALL}")
     return [STREAMS[name]]
 
 

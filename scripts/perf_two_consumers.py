@@ -127,7 +127,7 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=400_000)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--stream", choices=["webhook", "audit"], default="webhook")
+    ap.add_argument("--stream", choices=list(streams.STREAMS), default=streams.WEBHOOK.name)
     ap.add_argument("--keep", action="store_true", help="keep the last run's database (Redis keys too)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from consumers import streams
 from ingest.config import Config
 
 
@@ -18,7 +19,7 @@ def register(sub: Any) -> None:
     p.add_argument("--tenants", type=int, default=1000)
     p.add_argument("--dup-rate", type=float, default=0.05)
     p.add_argument("--invalid-rate", type=float, default=0.001)
-    p.add_argument("--stream", choices=["webhook", "audit"], default="webhook")
+    p.add_argument("--stream", choices=list(streams.STREAMS), default=streams.WEBHOOK.name)
     p.add_argument("--partitions", type=int, default=12)
     p.add_argument("--rate", type=float, default=0.0, help="events/s for a steady-rate latency run (0 = backlog)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of the steady-rate run")

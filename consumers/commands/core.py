@@ -49,17 +49,18 @@ def register(sub: Any) -> None:
 
     topics = sub.add_parser("topics", help="Kafka topics")
     topics_sub = topics.add_subparsers(dest="action", required=True)
-    ensure = topics_sub.add_parser("ensure", help="create events.webhook and events.audit when missing")
+    ensure = topics_sub.add_parser(
+        "ensure", help=f"create {' and '.join(s.topic for s in streams.STREAMS.values())} when missing")
     ensure.add_argument("--partitions", type=int, default=None, help="default: INGEST_TOPIC_PARTITIONS (12)")
     ensure.set_defaults(handler=_topics_ensure)
 
     consume = sub.add_parser("consume", help="run consumers until SIGTERM/SIGINT")
-    consume.add_argument("--stream", choices=["webhook", "audit", "all"], default="all")
+    consume.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
     consume.add_argument("--drain", action="store_true", help="exit 0 once every assigned partition is caught up")
     consume.set_defaults(handler=_consume)
 
     publish = sub.add_parser("publish", help="validate JSON Lines and publish them keyed by tenant_id")
-    publish.add_argument("--stream", choices=["webhook", "audit"], required=True)
+    publish.add_argument("--stream", choices=list(streams.STREAMS), required=True)
     publish.add_argument("file", help="a JSON Lines file, or - for standard input")
     publish.set_defaults(handler=_publish)
 

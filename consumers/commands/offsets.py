@@ -32,7 +32,8 @@ def register(sub: Any) -> None:
     off = sub.add_parser("offsets", help="stored positions against the Kafka log: show, reset")
     off_sub = off.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = off_sub.add_parser("show", help="per partition: stored next offset, log start and end, lag, mismatch")
-    show.add_argument("--stream", choices=[*names, "all"], default="all", help="which stream (default all)")
+    show.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL,
+                      help=f"which stream (default {streams.ALL})")
     show.add_argument("--json", action="store_true", help="print a JSON list of partitions to stdout")
     show.set_defaults(handler=_show)
 

@@ -24,23 +24,22 @@ DEFAULT_MAX_LAG = 1000  # the IngestLagGrowing alert threshold
 EXACT_COUNT_BELOW = 10_000  # row estimates under this are replaced by an exact count
 EXACT_COUNT_MAX_BYTES = 64 * 1024 * 1024  # ...and never-analyzed partitions up to this size are counted
 LOCK_WAIT_S = 10.0  # CLI rounds wait this long for a running maintenance round to finish
-STREAM_CHOICES = ["webhook", "audit", "all"]
 
 
 def register(sub: Any) -> None:
     """Add ``partitions``, ``lag`` and ``status`` to ``sub``."""
     parts = sub.add_parser("partitions", help="event-table partitions: list (default), ensure, prune")
-    parts.set_defaults(handler=_partitions_list, stream="all", json=False)
+    parts.set_defaults(handler=_partitions_list, stream=streams.ALL, json=False)
     parts_sub = parts.add_subparsers(dest="action", metavar="ACTION")
     lst = parts_sub.add_parser("list", help="each partition: range, rows (estimate or exact), size; coverage")
-    lst.add_argument("--stream", choices=STREAM_CHOICES, default="all")
+    lst.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
     lst.add_argument("--json", action="store_true", help="print one JSON document")
     lst.set_defaults(handler=_partitions_list)
     ens = parts_sub.add_parser("ensure", help="create partitions from now - retention to now + premake")
-    ens.add_argument("--stream", choices=STREAM_CHOICES, default="all")
+    ens.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
     ens.set_defaults(handler=_partitions_ensure)
     prune = parts_sub.add_parser("prune", help="detach partitions past retention, then drop (or archive)")
-    prune.add_argument("--stream", choices=STREAM_CHOICES, default="all")
+    prune.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
     prune.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     prune.add_argument("--archive", action="store_true", help="move detached partitions to schema `archive`")
     prune.add_argument("--export-dir", metavar="DIR", default=None,
@@ -48,14 +47,14 @@ def register(sub: Any) -> None:
     prune.set_defaults(handler=_partitions_prune)
 
     lag = sub.add_parser("lag", help="per-partition lag: end offset minus the offset stored in Postgres")
-    lag.add_argument("--stream", choices=STREAM_CHOICES, default="all")
+    lag.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
     lag.add_argument("--max-lag", type=int, default=DEFAULT_MAX_LAG,
                      help=f"exit 1 when any partition lags more than this (default {DEFAULT_MAX_LAG})")
     lag.add_argument("--json", action="store_true", help="print one JSON document")
     lag.set_defaults(handler=_lag)
 
     st = sub.add_parser("status", help="live view: group, lag, rates, tenants, dead letters, partitions, health")
-    st.add_argument("--stream", choices=STREAM_CHOICES, default="all")
+    st.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
     st.add_argument("--once", action="store_true", help="print one snapshot and exit")
     st.add_argument("--json", action="store_true", help="print one JSON document and exit (implies --once)")
     st.add_argument("--interval", type=float, default=2.0, help="refresh period in seconds (default 2)")

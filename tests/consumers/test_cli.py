@@ -58,3 +58,23 @@ def test_unavailable_service_is_one_line_and_exit_3(monkeypatch: pytest.MonkeyPa
     assert cli.main([]) == cli.EXIT_UNAVAILABLE
     err = capsys.readouterr().err
     assert err.startswith("ingest: ") and err.count("\n") == 1 and "secret" not in err
+
+
+def _stream_options(parser: argparse.ArgumentParser, path: str = "ingest") -> list[tuple[str, list[str]]]:
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                out += _stream_options(child, f"{path} {name}")
+        elif action.dest == "stream" and action.choices is not None:
+            out.append((path, list(action.choices)))
+    return out
+
+
+def test_every_stream_option_offers_the_streams_of_consumers_streams() -> None:
+    from consumers import streams
+
+    found = _stream_options(cli.build_parser())
+    assert len(found) >= 9  # consume, publish, bench, partitions list/ensure/prune, lag, status, dlq, quota...
+    for path, choices in found:
+        assert set(choices) - {streams.ALL} == set(streams.STREAMS), path
