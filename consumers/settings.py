@@ -114,6 +114,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def default(env: str) -> str:
+    """The default of setting ``env`` as written in ``SETTINGS`` (for help texts that show it)."""
+    return next(s.default for s in SETTINGS if s.env == env)
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Config:
     """Read every ``INGEST_*`` setting (unset or empty means the default); raise ``SettingsError`` on bad values."""
     source = os.environ if env is None else env

@@ -120,7 +120,7 @@ def kafka_probe(consumers: Sequence[Watched]) -> Probe:
 class HealthServer:
     """Serves the three endpoints; ``start`` binds (``port=0`` picks a free port), ``stop`` closes."""
 
-    def __init__(self, *, metrics: Metrics, host: str = "127.0.0.1", port: int = 9108,
+    def __init__(self, *, metrics: Metrics, host: str, port: int,
                  probes: Mapping[str, Probe] | None = None, consumers: Sequence[Watched] = (),
                  stale_after: float = MIN_STALE_AFTER_S, probe_timeout: float = PROBE_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic) -> None:

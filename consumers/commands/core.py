@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from consumers import report, run, streams
+from consumers import report, run, settings, streams
 from ingest import broker
 from ingest import roles as pg_roles
 from ingest.codec import decode
@@ -51,7 +51,8 @@ def register(sub: Any) -> None:
     topics_sub = topics.add_subparsers(dest="action", required=True)
     ensure = topics_sub.add_parser(
         "ensure", help=f"create {' and '.join(s.topic for s in streams.STREAMS.values())} when missing")
-    ensure.add_argument("--partitions", type=int, default=None, help="default: INGEST_TOPIC_PARTITIONS (12)")
+    ensure.add_argument("--partitions", type=int, default=None,
+                        help=f"default: INGEST_TOPIC_PARTITIONS ({settings.default('INGEST_TOPIC_PARTITIONS')})")
     ensure.set_defaults(handler=_topics_ensure)
 
     consume = sub.add_parser("consume", help="run consumers until SIGTERM/SIGINT")
