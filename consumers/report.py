@@ -39,12 +39,14 @@ async def summary(conn: Conn, config: Config) -> str:
         n = await conn.fetchval(f"SELECT count(*) FROM {ident(s.table)}")
         tenants = await conn.fetchval(f"SELECT count(DISTINCT tenant_id) FROM {ident(s.table)}")
         lines.append(f"  {s.table:<16} {n:>9} rows from {tenants} tenants")
-    ledger = await conn.fetch("SELECT stream, count(*) FROM dedupe_keys GROUP BY stream ORDER BY stream")
+    shared = streams.shared_tables()
+    ledger = await conn.fetch(f"SELECT stream, count(*) FROM {ident(shared.ledger)} GROUP BY stream ORDER BY stream")
     lines.append("  dedupe ledger    " + ", ".join(f"{r[0]}={r[1]}" for r in ledger))
-    dead = await conn.fetch("SELECT stream, reason, count(*) FROM dead_letters GROUP BY 1, 2 ORDER BY 1, 3 DESC")
+    dead = await conn.fetch(f"SELECT stream, reason, count(*) FROM {ident(shared.dead_letters)} "
+                            "GROUP BY 1, 2 ORDER BY 1, 3 DESC")
     lines.append(f"dead letters: {sum(r[2] for r in dead)}")
     lines += [f"  {r[0]:<8} {r[1]:<24} {r[2]:>6}" for r in dead]
-    offs = await conn.fetch("SELECT group_id, topic, sum(greatest(next_offset, 0)) FROM consumer_offsets "
+    offs = await conn.fetch(f"SELECT group_id, topic, sum(greatest(next_offset, 0)) FROM {ident(shared.offsets)} "
                             "GROUP BY 1, 2 ORDER BY 1, 2")
     lines.append("progress (records consumed, stored in postgres):")
     lines += [f"  {r[0]:<16} {r[1]:<20} {r[2]:>9}" for r in offs]

@@ -28,6 +28,7 @@ from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
 from ingest.security import kafka_security
 from ingest.services import ServiceUnavailable, connect_redis, create_pool, redact, redis_client
+from ingest.sql import ident
 from ingest.writer import Writer
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ async def run_migrations(config: Config, roles: pg_roles.Roles | None = None,
 
 def role_tables() -> pg_roles.Tables:
     """The tables the writer and reader roles are granted on: every stream's, and the quota overrides."""
-    shared = streams.WEBHOOK.tables()
+    shared = streams.shared_tables()
     return pg_roles.Tables(events=tuple(s.table for s in streams.STREAMS.values()),
                            dead_letters=shared.dead_letters, ledger=shared.ledger, offsets=shared.offsets,
                            offset_changes=shared.offset_changes,
@@ -108,7 +109,7 @@ def maintenance(config: Config, rt: Runtime, pool: asyncpg.Pool | None = None) -
 
 def ledger_policy(config: Config) -> LedgerPolicy:
     """Expiry of the dedupe ledger (shared by every stream) after the dedupe window."""
-    return LedgerPolicy(streams.WEBHOOK.tables().ledger, config.dedupe.window)
+    return LedgerPolicy(streams.shared_tables().ledger, config.dedupe.window)
 
 
 async def ensure_all_topics(config: Config) -> list[str]:
@@ -184,7 +185,7 @@ async def consume(config: Config, selected: list[Stream], stop: asyncio.Event, *
                     stale_after=http.liveness_window(config.max_poll_interval_ms))
                 await server.start()
             async with rt.pool.acquire() as conn:
-                if await conn.fetchval("SELECT to_regclass('consumer_offsets')") is None:
+                if await conn.fetchval("SELECT to_regclass($1)", ident(streams.shared_tables().offsets)) is None:
                     raise ServiceUnavailable("postgres", redact(config.database_url),
                                              "schema missing: run `ingest migrate` first")
             if maintenance_url(config) != config.database_url:

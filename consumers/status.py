@@ -224,8 +224,8 @@ async def connect_postgres(url: str, *, budget_s: float = 5.0) -> asyncpg.Connec
     return conn
 
 
-async def stored_offsets(conn: asyncpg.Connection, group: str, topic: str) -> dict[int, int]:
-    rows = await conn.fetch("SELECT partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+async def stored_offsets(conn: asyncpg.Connection, table: str, group: str, topic: str) -> dict[int, int]:
+    rows = await conn.fetch(f"SELECT partition, next_offset FROM {ident(table)} WHERE group_id = $1 AND topic = $2",
                             group, topic)
     return {r[0]: r[1] for r in rows}
 
@@ -272,7 +272,7 @@ async def lag_report(config: Config, selected: Sequence[Stream], *,
         for s in selected:
             topic, group = s.topic_for(config), s.group_for(config)
             try:
-                stored = await stored_offsets(db, group, topic)
+                stored = await stored_offsets(db, s.tables().offsets, group, topic)
             except asyncpg.UndefinedTableError:
                 raise ServiceUnavailable("postgres", redact(config.database_url),
                                          "schema missing: run `ingest migrate` first") from None
@@ -288,20 +288,23 @@ async def lag_report(config: Config, selected: Sequence[Stream], *,
 async def _activity(conn: asyncpg.Connection, stream: Stream) -> dict[str, Any]:
     """Rates over the last minute and tenants/dead letters over the last hour.
 
-    Stored events are counted in the dedupe ledger (``dedupe_keys.seen_at`` is indexed and written in the same
+    Stored events are counted in the dedupe ledger (its ``seen_at`` is indexed and written in the same
     transaction as each stored row); the event tables have no index on ``ingested_at``, so counting there would
     scan every partition. Duplicates are not recorded in Postgres (see ``ingest_events_total{outcome}``)."""
+    tables = stream.tables()
     stored_min = await conn.fetchval(
-        "SELECT count(*) FROM dedupe_keys WHERE seen_at > now() - interval '1 minute' AND stream = $1", stream.name)
+        f"SELECT count(*) FROM {ident(tables.ledger)} WHERE seen_at > now() - interval '1 minute' AND stream = $1",
+        stream.name)
     dead = await conn.fetch(
-        """SELECT reason, count(*) FILTER (WHERE created_at > now() - interval '1 minute'), count(*)
-           FROM dead_letters WHERE stream = $1 AND created_at > now() - interval '1 hour'
+        f"""SELECT reason, count(*) FILTER (WHERE created_at > now() - interval '1 minute'), count(*)
+           FROM {ident(tables.dead_letters)} WHERE stream = $1 AND created_at > now() - interval '1 hour'
            GROUP BY reason ORDER BY 3 DESC""", stream.name)
     tenants = await conn.fetch(
-        """SELECT tenant_id, count(*) FROM dedupe_keys WHERE seen_at > now() - interval '1 hour' AND stream = $1
+        f"""SELECT tenant_id, count(*) FROM {ident(tables.ledger)}
+           WHERE seen_at > now() - interval '1 hour' AND stream = $1
            GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2""", stream.name, TOP_N)
     quota = await conn.fetch(
-        """SELECT tenant_id, count(*) FROM dead_letters
+        f"""SELECT tenant_id, count(*) FROM {ident(tables.dead_letters)}
            WHERE stream = $1 AND reason = 'quota_exceeded' AND created_at > now() - interval '1 hour'
            GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2""", stream.name, TOP_N)
     dead_min = {r[0]: r[1] for r in dead if r[1]}
@@ -361,7 +364,8 @@ async def _postgres_part(config: Config, selected: Sequence[Stream], policies_: 
         for s, pol in zip(selected, policies_, strict=True):
             part: dict[str, Any] = {}
             try:
-                part["stored_offsets"] = await stored_offsets(conn, s.group_for(config), s.topic_for(config))
+                part["stored_offsets"] = await stored_offsets(conn, s.tables().offsets, s.group_for(config),
+                                                              s.topic_for(config))
                 part.update(await _activity(conn, s))
                 part["partition_coverage"] = await coverage(conn, s.table, pol, now)
             except asyncpg.UndefinedTableError:

@@ -49,6 +49,18 @@ CHOICES: tuple[str, ...] = (*STREAMS, ALL)
 """What a ``--stream`` option that may name every stream accepts (``select`` resolves it)."""
 
 
+def shared_tables() -> Tables:
+    """For code that reads across streams: a ``Tables`` whose ``dead_letters``, ``ledger``, ``offsets`` and
+    ``offset_changes`` are every stream's (checked here). Its ``events`` are the first stream's: take event tables
+    from each stream."""
+    tables = [s.tables() for s in STREAMS.values()]
+    shared = {(t.dead_letters, t.ledger, t.offsets, t.offset_changes) for t in tables}
+    if len(shared) != 1:
+        raise RuntimeError(f"streams use different dead-letter, ledger, offsets or offset-changes tables "
+                           f"{sorted(shared)}; code that reads across streams expects one of each")
+    return tables[0]
+
+
 def select(name: str) -> list[Stream]:
     """The stream called ``name``, or every stream for ``all``."""
     if name == ALL:

@@ -54,7 +54,8 @@ async def once() -> float:
     proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "consume", "--stream", "webhook"],  # noqa: ASYNC220 - timed from here
                             env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     try:
-        while not await conn.fetchval("SELECT count(*) FROM consumer_offsets WHERE next_offset > 0"):  # noqa: ASYNC110
+        offsets = stream.tables().offsets
+        while not await conn.fetchval(f"SELECT count(*) FROM {ident(offsets)} WHERE next_offset > 0"):  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         return time.perf_counter() - started
     finally:

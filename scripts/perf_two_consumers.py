@@ -80,8 +80,8 @@ async def one_run(processes: int, events: int, stream_name: str, keep: bool) -> 
             done = 0
             while True:
                 done = int(await conn.fetchval(
-                    "SELECT coalesce(sum(greatest(next_offset, 0)), 0) FROM consumer_offsets WHERE topic = $1",
-                    topic))
+                    f"SELECT coalesce(sum(greatest(next_offset, 0)), 0) FROM {ident(stream.tables().offsets)} "
+                    "WHERE topic = $1", topic))
                 now = time.perf_counter()
                 samples.append((round(now - started, 2), done))
                 if done and first is None:

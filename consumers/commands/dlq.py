@@ -34,10 +34,7 @@ REPLAY_CHUNK = 500
 
 def dead_letter_table() -> str:
     """The dead-letter table every stream writes to (from ``consumers.streams``)."""
-    tables = {s.tables().dead_letters for s in streams.STREAMS.values()}
-    if len(tables) != 1:
-        raise RuntimeError(f"streams use several dead-letter tables {sorted(tables)}; dlq expects one")
-    return tables.pop()
+    return streams.shared_tables().dead_letters
 
 
 def register(sub: Any) -> None:

@@ -22,6 +22,7 @@ from ingest import offsets
 from ingest.config import Config
 from ingest.security import kafka_security
 from ingest.services import ServiceUnavailable, redact
+from ingest.sql import ident
 
 EXIT_REFUSED = 1
 
@@ -75,7 +76,7 @@ async def _log(config: Config, topic: str) -> dict[int, status.EndOffset]:
 
 async def _connect(config: Config) -> asyncpg.Connection:
     conn = await status.connect_postgres(config.database_url)
-    if await conn.fetchval("SELECT to_regclass('offset_changes')") is None:
+    if await conn.fetchval("SELECT to_regclass($1)", ident(streams.shared_tables().offset_changes)) is None:
         await conn.close()
         raise ServiceUnavailable("postgres", redact(config.database_url), "schema missing: run `ingest migrate` first")
     return conn
@@ -90,7 +91,7 @@ async def _show(args: argparse.Namespace, config: Config) -> int:
         for s in streams.select(args.stream):
             topic, group = s.topic_for(config), s.group_for(config)
             log = await _log(config, topic)
-            stored = await status.stored_offsets(conn, group, topic)
+            stored = await status.stored_offsets(conn, s.tables().offsets, group, topic)
             for p in sorted(set(log) | set(stored)):
                 rows.append({"stream": s.name, "group": group, "topic": topic,
                              **status.partition_row(p, log.get(p), stored.get(p))})
@@ -160,7 +161,7 @@ async def _reset(args: argparse.Namespace, config: Config) -> int:
     targets = await _targets(args, config, topic, log)
     conn = await _connect(config)
     try:
-        plan = _plan(await status.stored_offsets(conn, group, topic), bounds, targets)
+        plan = _plan(await status.stored_offsets(conn, s.tables().offsets, group, topic), bounds, targets)
         if not args.execute:
             _print_plan(args, s.name, group, topic, plan, executed=False)
             return 0

@@ -74,7 +74,7 @@ async def _pool(config: Config) -> asyncpg.Pool:
 
 async def _with_schema(config: Config, pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
-        if await conn.fetchval("SELECT to_regclass('consumer_offsets')") is None:
+        if await conn.fetchval("SELECT to_regclass($1)", ident(streams.shared_tables().offsets)) is None:
             raise ServiceUnavailable("postgres", redact(maintenance_url(config)),
                                      "schema missing: run `ingest migrate` first")
 

@@ -45,7 +45,7 @@ async def recreate_topic(config: Config, stream: str) -> None:
 
 async def stored_positions(db: asyncpg.Connection, config: Config, stream: str) -> dict[int, int]:
     s = streams.STREAMS[stream]
-    return await status.stored_offsets(db, s.group_for(config), s.topic_for(config))
+    return await status.stored_offsets(db, s.tables().offsets, s.group_for(config), s.topic_for(config))
 
 
 def cli(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
