@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from consumers import run, sample, streams
 from consumers.report import HOSTILE
+from ingest import kafka_options
 from ingest.broker import delete_topics
-from ingest.config import Config, KafkaSecurity
+from ingest.config import Config
 from ingest.consumer import Totals
 from ingest.pipeline import Outcome, SimpleRecord, prepare
-from ingest.security import kafka_security
 from ingest.services import create_pool, redis_client, with_database
 from ingest.sql import ident
 
@@ -90,13 +90,12 @@ def _values(opts: BenchOptions) -> Any:
             yield key, orjson.dumps(event)
 
 
-async def _produce(bootstrap: str, topic: str, opts: BenchOptions, progress: bool,
-                   security: KafkaSecurity) -> int:
+async def _produce(config: Config, topic: str, opts: BenchOptions, progress: bool) -> int:
     """Backlog: records go straight into per-partition batches (murmur2 of the key, like Kafka's default
     partitioner). Rate: ordinary keyed sends with a 5 ms linger, paced to ``opts.rate`` (the Kafka timestamp is
     taken when a record is handed to the producer, so latency includes the producer's linger)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5 if opts.rate else 20,
-                                max_batch_size=1 << 20, **kafka_security(security))
+    producer = AIOKafkaProducer(**kafka_options.producer(config, client_id="ingest-bench",
+                                                         linger_ms=5 if opts.rate else 20, max_batch_size=1 << 20))
     await producer.start()
     sent = 0
     try:
@@ -137,10 +136,9 @@ async def _produce(bootstrap: str, topic: str, opts: BenchOptions, progress: boo
     return sent
 
 
-def _produce_in_child(bootstrap: str, topic: str, opts: BenchOptions, progress: bool, out: Any,
-                      security: KafkaSecurity) -> None:
-    # The security settings travel as the (picklable) dataclass; the SSL context is built in the child.
-    out.put(asyncio.run(_produce(bootstrap, topic, opts, progress, security)))
+def _produce_in_child(config: Config, topic: str, opts: BenchOptions, progress: bool, out: Any) -> None:
+    # The config travels as the (picklable) dataclass; the SSL context is built in the child.
+    out.put(asyncio.run(_produce(config, topic, opts, progress)))
 
 
 async def _ceiling(config: Config, stream: streams.Stream, opts: BenchOptions, limit: int) -> float:
@@ -182,7 +180,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
         child = ctx.Process(target=_produce_in_child,
-                            args=(config.kafka_bootstrap, topic, opts, progress, out, config.kafka_security))
+                            args=(config, topic, opts, progress, out))
         recorder = Recorder()
         stop = asyncio.Event()
         produce_seconds = 0.0
@@ -247,8 +245,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
 
 
 async def _cleanup(config: Config, base: Config, db: str) -> None:
-    await delete_topics(config.kafka_bootstrap, [s.topic_for(config) for s in streams.STREAMS.values()],
-                        **kafka_security(config.kafka_security))
+    await delete_topics(config, [s.topic_for(config) for s in streams.STREAMS.values()])
     admin = await asyncpg.connect(with_database(base.database_url, "postgres"))
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {ident(db)} WITH (FORCE)")

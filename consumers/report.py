@@ -67,7 +67,7 @@ async def demo(config: Config, *, events: int, n_tenants: int) -> int:
     now = datetime.now(UTC)
     published = 0
     for s in streams.STREAMS.values():
-        async with Publisher.for_config(config, topic=s.topic_for(config), contract=s.contract(config)) as pub:
+        async with Publisher(config, topic=s.topic_for(config), contract=s.contract(config)) as pub:
             for event in tqdm(sample.generate(s.name, events, n_tenants=n_tenants, dup_rate=0.12,
                                               seed=random.randrange(1 << 30), now=now),
                               total=events, desc=f"publish {s.topic_for(config)}", unit="ev"):

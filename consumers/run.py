@@ -26,7 +26,6 @@ from ingest.dedupe import RedisHints
 from ingest.maintenance import LOCK_KEY, LedgerPolicy, Maintenance
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
-from ingest.security import kafka_security
 from ingest.services import ServiceUnavailable, connect_redis, create_pool, redact, redis_client
 from ingest.sql import ident
 from ingest.writer import Writer
@@ -113,8 +112,8 @@ def ledger_policy(config: Config) -> LedgerPolicy:
 
 
 async def ensure_all_topics(config: Config) -> list[str]:
-    return await ensure_topics(config.kafka_bootstrap, [s.topic_for(config) for s in streams.STREAMS.values()],
-                               config.topic_partitions, **kafka_security(config.kafka_security))
+    return await ensure_topics(config, [s.topic_for(config) for s in streams.STREAMS.values()],
+                               config.topic_partitions)
 
 
 @dataclass

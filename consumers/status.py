@@ -26,11 +26,11 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from redis.asyncio import Redis
 
 from consumers.streams import Stream
-from ingest import partitions
+from ingest import kafka_options, partitions
 from ingest.config import Config, PartitionConfig, partitions_for
 from ingest.maintenance import TablePolicy
 from ingest.offsets import UNSET
-from ingest.security import kafka_security, redact_text
+from ingest.security import redact_text
 from ingest.services import ServiceUnavailable, kafka_starting, redact
 from ingest.sql import ident
 
@@ -61,16 +61,15 @@ class EndOffset:
     listed: int | None
 
 
-async def end_offsets(bootstrap: str, topics: Sequence[str], *, budget_s: float = 5.0,
-                      **client_options: Any) -> dict[str, dict[int, EndOffset]]:
+async def end_offsets(config: Config, topics: Sequence[str], *,
+                      budget_s: float = 5.0) -> dict[str, dict[int, EndOffset]]:
     """Per topic and partition: beginning and end offsets (see the module note). Missing topics map to ``{}``.
-    ``client_options`` are extra consumer options: ``kafka_security(...)`` for SASL/TLS brokers.
 
     Raises ``ServiceUnavailable`` when the broker cannot be reached."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                fetch_max_wait_ms=100, max_partition_fetch_bytes=64 * 1024,
-                                request_timeout_ms=int(budget_s * 1000), client_id="ingest-status",
-                                **client_options)
+    bootstrap = config.kafka_bootstrap
+    consumer = AIOKafkaConsumer(**kafka_options.consumer(
+        config, client_id="ingest-status", enable_auto_commit=False, group_id=None, fetch_max_wait_ms=100,
+        max_partition_fetch_bytes=64 * 1024, request_timeout_ms=int(budget_s * 1000)))
     try:
         async with kafka_starting(bootstrap):
             await asyncio.wait_for(consumer.start(), budget_s)
@@ -117,16 +116,16 @@ async def end_offsets(bootstrap: str, topics: Sequence[str], *, budget_s: float 
             await consumer.stop()
 
 
-async def offsets_for_time(bootstrap: str, topic: str, partitions: Sequence[int], ts_ms: int, *,
-                           budget_s: float = 10.0, **client_options: Any) -> dict[int, int | None]:
+async def offsets_for_time(config: Config, topic: str, partitions: Sequence[int], ts_ms: int, *,
+                           budget_s: float = 10.0) -> dict[int, int | None]:
     """Per partition: the first offset whose record timestamp is at or after ``ts_ms`` (None: none is, i.e. the
     log end). Asks the broker (ListOffsets by time); an answer that breaks that rule (a record timestamped before
     ``ts_ms``, as the embedded broker returns) is replaced by a bisection over the log, reading one record per
     step (record timestamps are taken as non-decreasing within a partition)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="none", fetch_max_wait_ms=100, max_partition_fetch_bytes=64 * 1024,
-                                request_timeout_ms=int(budget_s * 1000), client_id="ingest-offsets",
-                                **client_options)
+    bootstrap = config.kafka_bootstrap
+    consumer = AIOKafkaConsumer(**kafka_options.consumer(
+        config, client_id="ingest-offsets", enable_auto_commit=False, group_id=None, auto_offset_reset="none",
+        fetch_max_wait_ms=100, max_partition_fetch_bytes=64 * 1024, request_timeout_ms=int(budget_s * 1000)))
     try:
         async with kafka_starting(bootstrap):
             await asyncio.wait_for(consumer.start(), budget_s)
@@ -172,15 +171,15 @@ async def offsets_for_time(bootstrap: str, topic: str, partitions: Sequence[int]
             await consumer.stop()
 
 
-async def group_members(bootstrap: str, groups: Sequence[str], *, budget_s: float = 5.0,
-                        **client_options: Any) -> dict[str, dict[str, Any]]:
+async def group_members(config: Config, groups: Sequence[str], *,
+                        budget_s: float = 5.0) -> dict[str, dict[str, Any]]:
     """``describe_consumer_groups``: state and members (id, client, host, instance id, assigned partitions).
-    ``client_options`` as for ``end_offsets``.
 
     Tansu answers with member ids and the group state but empty client ids, hosts and assignments; what is
     missing is reported as ``None``."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(budget_s * 1000),
-                                client_id="ingest-status", **client_options)
+    bootstrap = config.kafka_bootstrap
+    admin = AIOKafkaAdminClient(**kafka_options.admin(config, client_id="ingest-status",
+                                                      request_timeout_ms=int(budget_s * 1000)))
     try:
         async with kafka_starting(bootstrap):
             await asyncio.wait_for(admin.start(), budget_s)
@@ -263,8 +262,7 @@ def partition_row(partition: int, end: EndOffset | None, stored: int | None, *,
 async def lag_report(config: Config, selected: Sequence[Stream], *,
                      conn: asyncpg.Connection | None = None) -> dict[str, Any]:
     """Per stream and partition: end offset, stored offset, lag. Raises ``ServiceUnavailable``."""
-    ends = await end_offsets(config.kafka_bootstrap, [s.topic_for(config) for s in selected],
-                             **kafka_security(config.kafka_security))
+    ends = await end_offsets(config, [s.topic_for(config) for s in selected])
     own = conn is None
     db = conn or await connect_postgres(config.database_url)
     try:
@@ -392,12 +390,11 @@ async def _redis_part(config: Config) -> dict[str, Any]:
 
 async def _kafka_part(config: Config, selected: Sequence[Stream]) -> tuple[dict[str, Any], Any, Any]:
     t = time.perf_counter()
-    security = kafka_security(config.kafka_security)
-    ends = await end_offsets(config.kafka_bootstrap, [s.topic_for(config) for s in selected], **security)
+    ends = await end_offsets(config, [s.topic_for(config) for s in selected])
     latency = round((time.perf_counter() - t) * 1000, 2)
     members: dict[str, Any] | str
     try:
-        members = await group_members(config.kafka_bootstrap, [s.group_for(config) for s in selected], **security)
+        members = await group_members(config, [s.group_for(config) for s in selected])
     except ServiceUnavailable as exc:
         members = str(exc)
     sec = config.kafka_security

@@ -13,6 +13,8 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from ingest import kafka_options
+from ingest.config import Config
 from ingest.services import ServiceUnavailable, kafka_starting
 
 
@@ -51,12 +53,13 @@ def start_embedded(host: str, port: int, *, log_path: str | None = None, wait_s:
     raise ServiceUnavailable("kafka", f"{host}:{port}", "embedded broker did not start")
 
 
-async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int, **client_options: Any) -> list[str]:
-    """Create the topics that are missing (``partitions`` each); return the names created. ``client_options``
-    are extra admin-client options: pass ``ingest.security.kafka_security(...)`` for SASL/TLS brokers."""
-    admin = AIOKafkaAdminClient(**{"bootstrap_servers": bootstrap, "request_timeout_ms": 10000, **client_options})
+async def ensure_topics(config: Config, topics: Sequence[str], partitions: int, **admin_options: Any) -> list[str]:
+    """Create the topics that are missing (``partitions`` each) on ``config``'s brokers; return the names created.
+    ``admin_options`` are extra admin-client options (``request_timeout_ms``, 10 s by default)."""
+    admin = AIOKafkaAdminClient(**kafka_options.admin(
+        config, client_id="ingest-topics", **{"request_timeout_ms": 10000, **admin_options}))
     try:
-        async with kafka_starting(bootstrap):
+        async with kafka_starting(config.kafka_bootstrap):
             await admin.start()
     except ServiceUnavailable:
         with contextlib.suppress(Exception):
@@ -74,10 +77,9 @@ async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int, 
         await admin.close()
 
 
-async def delete_topics(bootstrap: str, topics: Sequence[str], **client_options: Any) -> None:
-    """Delete ``topics`` (used by tests and bench to leave nothing behind); ``client_options`` as for
-    ``ensure_topics``."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options)
+async def delete_topics(config: Config, topics: Sequence[str]) -> None:
+    """Delete ``topics`` on ``config``'s brokers (used by tests and bench to leave nothing behind)."""
+    admin = AIOKafkaAdminClient(**kafka_options.admin(config, client_id="ingest-topics"))
     await admin.start()
     try:
         with contextlib.suppress(KafkaError):

@@ -31,14 +31,13 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
-from ingest import offsets
+from ingest import kafka_options, offsets
 from ingest.breaker import CircuitOpen
 from ingest.config import Config
 from ingest.metrics import Metrics
 from ingest.partition_state import Partitions
 from ingest.pipeline import Outcome, Pipeline, Staged
 from ingest.retry import Backoff, component_of
-from ingest.security import kafka_security
 from ingest.services import kafka_starting
 
 log = logging.getLogger(__name__)
@@ -243,8 +242,8 @@ class StreamConsumer:
     def build_consumer(self) -> AIOKafkaConsumer:
         """The aiokafka consumer with the settings this design depends on (no auto commit, earliest)."""
         batch = self.config.batch
-        kwargs: dict[str, Any] = dict(
-            bootstrap_servers=self.config.kafka_bootstrap,
+        kwargs = kafka_options.consumer(
+            self.config,
             group_id=self.group,
             enable_auto_commit=False,
             # Positions come from Postgres and are always sought explicitly; an out-of-range fetch must raise
@@ -262,7 +261,6 @@ class StreamConsumer:
         )
         if self.config.instance_id:
             kwargs["group_instance_id"] = f"{self.config.instance_id}-{self.stream}"
-        kwargs.update(kafka_security(self.config.kafka_security))
         kwargs.update(self.config_overrides())
         return AIOKafkaConsumer(**kwargs)
 

@@ -1,8 +1,8 @@
 """Publishing events: validate against the contract first, then send keyed by tenant_id.
 
 Rule: an event the consumer would dead-letter for a contract reason is refused here, before it reaches Kafka.
-Values are encoded as compact JSON with orjson, which is also the consumer's fast path. Build publishers with
-``Publisher.for_config`` so that they use the configured SASL/TLS settings.
+Values are encoded as compact JSON with orjson, which is also the consumer's fast path. A publisher is built from
+the ``Config`` (``ingest.kafka_options``), so it uses the configured SASL/TLS settings and decode limits.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from ingest import kafka_options
 from ingest.codec import DecodeLimits, decode
 from ingest.config import Config
 from ingest.contract import Contract
 from ingest.reject import Rejected
-from ingest.security import kafka_security
 from ingest.services import ServiceUnavailable, kafka_starting
 
 
@@ -32,22 +32,17 @@ def encode(event: Mapping[str, Any], contract: Contract, limits: DecodeLimits,
 
 
 class Publisher:
-    """Sends events of one stream to its topic. Use as ``async with Publisher(...) as pub: await pub.send(e)``."""
+    """Sends events of one stream to ``topic`` on ``config``'s brokers, with its SASL/TLS settings and decode
+    limits. Use as ``async with Publisher(config, topic=..., contract=...) as pub: await pub.send(e)``."""
 
-    def __init__(self, *, bootstrap: str, topic: str, contract: Contract, limits: DecodeLimits,
-                 linger_ms: int = 5, **producer_options: Any) -> None:
+    def __init__(self, config: Config, *, topic: str, contract: Contract, linger_ms: int = 5,
+                 client_id: str = "ingest-publisher", **producer_options: Any) -> None:
         self.topic, self.contract = topic, contract
-        self.limits = limits
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks="all",
-                                          max_batch_size=256 * 1024, **producer_options)
-        self._bootstrap = bootstrap
+        self.limits = config.decode
+        self._producer = AIOKafkaProducer(**kafka_options.producer(
+            config, client_id=client_id, linger_ms=linger_ms, max_batch_size=256 * 1024, **producer_options))
+        self._bootstrap = config.kafka_bootstrap
         self._pending: list[Any] = []
-
-    @classmethod
-    def for_config(cls, config: Config, *, topic: str, contract: Contract, **producer_options: Any) -> Publisher:
-        """A publisher to ``topic`` on ``config``'s brokers, with its SASL/TLS settings and decode limits."""
-        return cls(bootstrap=config.kafka_bootstrap, topic=topic, contract=contract, limits=config.decode,
-                   **kafka_security(config.kafka_security), **producer_options)
 
     async def __aenter__(self) -> Publisher:
         try:

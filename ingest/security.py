@@ -1,9 +1,9 @@
 """Connection security: Kafka SASL/TLS client options, checks of connection URLs, and redaction.
 
 Rules kept here:
-- Every Kafka client (consumer, producer, admin) gets its SASL/TLS options from ``kafka_security`` (or
-  ``kafka_options``, which adds the bootstrap servers); nothing else builds them. The SSL context is built anew for
-  each client, so a rotated certificate file is picked up by the next client.
+- ``kafka_security`` turns the Kafka settings into SASL/TLS client options; ``ingest.kafka_options`` adds them to
+  every Kafka client's options (consumer, producer, admin), and nothing else builds client options. The SSL
+  context is built anew on each call, so a rotated certificate file is picked up by the next client.
 - Postgres and Redis connections are fully described by their URL, TLS parameters and credentials included; code
   that derives another URL from one (another database) must keep its query string.
 - Text shown to people (logs, errors, ``ingest status``, reprs) passes through ``redact`` / ``redact_text`` first.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 if TYPE_CHECKING:
-    from ingest.config import Config, KafkaSecurity
+    from ingest.config import KafkaSecurity
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -111,9 +111,9 @@ def ssl_context(sec: KafkaSecurity) -> ssl.SSLContext:
 
 
 def kafka_security(sec: KafkaSecurity) -> dict[str, Any]:
-    """The aiokafka keyword arguments for ``sec`` (security protocol, SASL credentials, SSL context); pass them to
-    every ``AIOKafkaConsumer``, ``AIOKafkaProducer`` and ``AIOKafkaAdminClient``. ``sec`` must have passed
-    ``check_kafka`` (``consumers.settings`` does that at startup)."""
+    """The aiokafka keyword arguments for ``sec`` (security protocol, SASL credentials, SSL context); every client
+    gets them through ``ingest.kafka_options``. ``sec`` must have passed ``check_kafka`` (``consumers.settings``
+    does that at startup)."""
     options: dict[str, Any] = {"security_protocol": sec.protocol}
     if sec.protocol.startswith("SASL_"):
         options.update(sasl_mechanism=sec.sasl_mechanism, sasl_plain_username=sec.sasl_username,
@@ -121,11 +121,6 @@ def kafka_security(sec: KafkaSecurity) -> dict[str, Any]:
     if sec.protocol.endswith("SSL"):
         options["ssl_context"] = ssl_context(sec)
     return options
-
-
-def kafka_options(config: Config) -> dict[str, Any]:
-    """``bootstrap_servers`` plus ``kafka_security`` for ``config``: the base of every Kafka client."""
-    return {"bootstrap_servers": config.kafka_bootstrap, **kafka_security(config.kafka_security)}
 
 
 # -- Postgres and Redis URLs --------------------------------------------------------------------------------------

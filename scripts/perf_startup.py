@@ -46,7 +46,7 @@ async def once() -> float:
     await run.run_migrations(cfg)
     await run.ensure_all_topics(cfg)
     stream = streams.WEBHOOK
-    async with Publisher.for_config(cfg, topic=stream.topic_for(cfg), contract=stream.contract(cfg)) as pub:
+    async with Publisher(cfg, topic=stream.topic_for(cfg), contract=stream.contract(cfg)) as pub:
         for event in sample.generate("webhook", 1000, n_tenants=10):
             await pub.send(event)
     conn = await asyncpg.connect(cfg.database_url)
@@ -62,7 +62,7 @@ async def once() -> float:
         proc.terminate()
         proc.wait(30)
         await conn.close()
-        await broker.delete_topics(cfg.kafka_bootstrap, [s.topic_for(cfg) for s in streams.STREAMS.values()])
+        await broker.delete_topics(cfg, [s.topic_for(cfg) for s in streams.STREAMS.values()])
         admin = await asyncpg.connect(with_database(base, "postgres"))
         await admin.execute(f"DROP DATABASE IF EXISTS {ident(f'startup_{uid}')} WITH (FORCE)")
         await admin.close()

@@ -65,9 +65,7 @@ async def one_run(processes: int, events: int, stream_name: str, keep: bool) -> 
         await run.run_migrations(config)
         await run.ensure_all_topics(config)
         t0 = time.perf_counter()
-        published = await _produce(config.kafka_bootstrap, topic,
-                                   BenchOptions(events=events, stream=stream_name), progress=False,
-                                   security=config.kafka_security)
+        published = await _produce(config, topic, BenchOptions(events=events, stream=stream_name), progress=False)
         produce_s = time.perf_counter() - t0
         conn = await asyncpg.connect(config.database_url)
         try:
@@ -118,7 +116,7 @@ async def one_run(processes: int, events: int, stream_name: str, keep: bool) -> 
                 p.wait(timeout=30)
         if keep:
             from ingest.broker import delete_topics
-            await delete_topics(config.kafka_bootstrap, [s.topic_for(config) for s in streams.STREAMS.values()])
+            await delete_topics(config, [s.topic_for(config) for s in streams.STREAMS.values()])
         else:
             await _cleanup(config, base, db)
 

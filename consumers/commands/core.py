@@ -165,7 +165,7 @@ async def _publish(args: argparse.Namespace, config: Config) -> int:
     from tqdm import tqdm  # only the publish command draws a progress bar: keeps `consume` start-up lean
 
     with source, tqdm(desc=f"publish {stream.topic_for(config)}", unit="ev", file=sys.stderr) as bar:
-        async with Publisher.for_config(config, topic=stream.topic_for(config), contract=contract) as pub:
+        async with Publisher(config, topic=stream.topic_for(config), contract=contract) as pub:
             for lineno, line in enumerate(source, 1):
                 value = line.rstrip(b"\r\n")
                 if not value.strip():

@@ -20,10 +20,9 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from consumers import streams
-from ingest import dlq
+from ingest import dlq, kafka_options
 from ingest.config import Config
 from ingest.reject import Reason
-from ingest.security import kafka_options
 from ingest.services import ServiceUnavailable, create_pool, kafka_starting
 
 if TYPE_CHECKING:
@@ -287,8 +286,8 @@ async def _send_all(conn: Conn, table: str, filters: dlq.Filters, config: Config
     if total == 0:
         return sent, failed, by_reason
     largest = await dlq.largest_pending(conn, table)
-    producer = AIOKafkaProducer(**kafka_options(config), acks="all", linger_ms=5,
-                                max_request_size=max(1024 * 1024, largest + 64 * 1024))
+    producer = AIOKafkaProducer(**kafka_options.producer(
+        config, client_id="ingest-dlq-replay", linger_ms=5, max_request_size=max(1024 * 1024, largest + 64 * 1024)))
     try:
         async with kafka_starting(config.kafka_bootstrap):
             await producer.start()

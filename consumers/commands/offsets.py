@@ -20,7 +20,6 @@ import orjson
 from consumers import status, streams
 from ingest import offsets
 from ingest.config import Config
-from ingest.security import kafka_security
 from ingest.services import ServiceUnavailable, redact
 from ingest.sql import ident
 
@@ -70,7 +69,7 @@ def _instant(text: str) -> datetime:
 
 
 async def _log(config: Config, topic: str) -> dict[int, status.EndOffset]:
-    ends = await status.end_offsets(config.kafka_bootstrap, [topic], **kafka_security(config.kafka_security))
+    ends = await status.end_offsets(config, [topic])
     return ends[topic]
 
 
@@ -126,8 +125,7 @@ async def _targets(args: argparse.Namespace, config: Config, topic: str,
     if args.to_offset is not None:
         return dict.fromkeys(log, int(args.to_offset))
     ts_ms = int(args.to_datetime.timestamp() * 1000)
-    found = await status.offsets_for_time(config.kafka_bootstrap, topic, sorted(log), ts_ms,
-                                          **kafka_security(config.kafka_security))
+    found = await status.offsets_for_time(config, topic, sorted(log), ts_ms)
     return {p: e.end if found.get(p) is None else int(found[p] or 0) for p, e in log.items()}
 
 
@@ -165,8 +163,7 @@ async def _reset(args: argparse.Namespace, config: Config) -> int:
         if not args.execute:
             _print_plan(args, s.name, group, topic, plan, executed=False)
             return 0
-        members = (await status.group_members(config.kafka_bootstrap, [group],
-                                              **kafka_security(config.kafka_security))).get(group, {})
+        members = (await status.group_members(config, [group])).get(group, {})
         live = members.get("members") or []
         if live and not args.force:
             print(f"ingest: offsets reset: group {group} has {len(live)} live member(s); stop its consumers first "

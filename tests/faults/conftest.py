@@ -147,7 +147,7 @@ async def config(env: dict[str, str], db_url: str, pg: PgCluster,
         yield cfg
     finally:
         with contextlib.suppress(Exception):
-            await broker_mod.delete_topics(cfg.kafka_bootstrap, [s.topic_for(cfg) for s in streams.STREAMS.values()])
+            await broker_mod.delete_topics(cfg, [s.topic_for(cfg) for s in streams.STREAMS.values()])
         await asyncio.to_thread(pg.ensure_running)
         await _drop_database(pg, _database(env))
         await asyncio.to_thread(redis_server.ensure_running)

@@ -16,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.settings import from_env
 from ingest import consumer as consumer_mod
+from ingest import kafka_options
 from ingest.config import Config, KafkaSecurity
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
@@ -25,7 +26,6 @@ from ingest.security import (
     check_database_url,
     check_kafka,
     check_redis_url,
-    kafka_options,
     kafka_security,
     redact,
     redact_text,
@@ -210,9 +210,9 @@ def _client_security(client: Any) -> tuple[str, str | None, ssl.SSLContext | Non
 
 async def test_aiokafka_accepts_the_options_for_every_client_kind(pki: dict[str, Pair]) -> None:
     cfg = _sasl_ssl(pki)
-    producer = AIOKafkaProducer(**kafka_options(cfg))
-    consumer = AIOKafkaConsumer(**kafka_options(cfg))
-    admin = AIOKafkaAdminClient(**kafka_options(cfg))
+    producer = AIOKafkaProducer(**kafka_options.producer(cfg, client_id="p"))
+    consumer = AIOKafkaConsumer(**kafka_options.consumer(cfg, client_id="c"))
+    admin = AIOKafkaAdminClient(**kafka_options.admin(cfg, client_id="a"))
     for client in (producer.client, consumer._client, admin._client):
         protocol, mechanism, ctx = _client_security(client)
         assert (protocol, mechanism) == ("SASL_SSL", "SCRAM-SHA-256") and isinstance(ctx, ssl.SSLContext)
@@ -221,12 +221,12 @@ async def test_aiokafka_accepts_the_options_for_every_client_kind(pki: dict[str,
     await admin.close()
 
 
-async def test_publisher_for_config_and_stream_consumer_use_the_config(pki: dict[str, Pair],
+async def test_publisher_and_stream_consumer_use_the_config(pki: dict[str, Pair],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from consumers import streams
 
     cfg = _sasl_ssl(pki)
-    pub = Publisher.for_config(cfg, topic="t", contract=streams.WEBHOOK.contract(cfg))
+    pub = Publisher(cfg, topic="t", contract=streams.WEBHOOK.contract(cfg))
     assert _client_security(pub._producer.client)[:2] == ("SASL_SSL", "SCRAM-SHA-256")
     await pub._producer.stop()
 

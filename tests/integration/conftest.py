@@ -38,7 +38,7 @@ async def config(env: dict[str, str]) -> AsyncIterator[Config]:
     try:
         yield cfg
     finally:
-        await broker_mod.delete_topics(cfg.kafka_bootstrap, [s.topic_for(cfg) for s in streams.STREAMS.values()])
+        await broker_mod.delete_topics(cfg, [s.topic_for(cfg) for s in streams.STREAMS.values()])
         admin = await asyncpg.connect(PG_ADMIN)
         try:
             name = cfg.database_url.rsplit("/", 1)[1]

@@ -27,8 +27,7 @@ async def publish(config: Config, stream: str, events: Iterable[Mapping[str, Any
     """Publish valid events keyed by tenant_id; return how many."""
     s = streams.STREAMS[stream]
     n = 0
-    async with Publisher(bootstrap=config.kafka_bootstrap, topic=s.topic_for(config), contract=s.contract(config),
-                         limits=config.decode) as pub:
+    async with Publisher(config, topic=s.topic_for(config), contract=s.contract(config)) as pub:
         for e in events:
             await pub.send(e)
             n += 1
@@ -39,8 +38,7 @@ async def publish_raw(config: Config, stream: str, records: Iterable[tuple[bytes
     """Publish ``(key, value)`` pairs as they are (no validation)."""
     s = streams.STREAMS[stream]
     n = 0
-    async with Publisher(bootstrap=config.kafka_bootstrap, topic=s.topic_for(config), contract=s.contract(config),
-                         limits=config.decode) as pub:
+    async with Publisher(config, topic=s.topic_for(config), contract=s.contract(config)) as pub:
         for key, value in records:
             await pub.send_raw(key, value)
             n += 1

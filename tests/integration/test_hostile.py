@@ -26,6 +26,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumers import sample, settings, streams
+from ingest import kafka_options
 from ingest.codec import NulPolicy
 from ingest.config import Config
 from ingest.pipeline import prepare
@@ -302,8 +303,8 @@ Item = tuple[str, bytes | None, bytes | None, Case | None]  # stream, key, value
 
 async def send_with_positions(config: Config, items: list[Item]) -> list[tuple[int, int]]:
     """Send every item in order; return the (partition, offset) the broker acknowledged for each."""
-    producer = AIOKafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", linger_ms=5,
-                                max_request_size=4 * 1024 * 1024)
+    producer = AIOKafkaProducer(**kafka_options.producer(config, client_id="ingest-test-hostile", linger_ms=5,
+                                                         max_request_size=4 * 1024 * 1024))
     await producer.start()
     try:
         futures = [await producer.send(streams.STREAMS[s].topic_for(config), key=k, value=v)

@@ -35,9 +35,9 @@ def fresh(events: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
 
 async def recreate_topic(config: Config, stream: str) -> None:
     topic = streams.STREAMS[stream].topic_for(config)
-    await broker_mod.delete_topics(config.kafka_bootstrap, [topic])
+    await broker_mod.delete_topics(config, [topic])
     for _ in range(100):
-        if not (await status.end_offsets(config.kafka_bootstrap, [topic]))[topic]:
+        if not (await status.end_offsets(config, [topic]))[topic]:
             break
         await asyncio.sleep(0.1)
     await run.ensure_all_topics(config)
@@ -138,7 +138,7 @@ async def test_retention_gap_is_recorded_counted_and_consumption_goes_on(
     consumed = await stored_positions(db, config, "audit")
     more = fresh(list(sample.generate("audit", 200, n_tenants=20, dup_rate=0, seed=26)), "more")
     await publish(config, "audit", more)
-    ends = (await status.end_offsets(config.kafka_bootstrap, [streams.AUDIT.topic_for(config)]))[
+    ends = (await status.end_offsets(config, [streams.AUDIT.topic_for(config)]))[
         streams.AUDIT.topic_for(config)]
     expired = {p: min(10, ends[p].end - consumed.get(p, 0)) for p in ends}  # 10 unread records per partition
     gap_total = sum(expired.values())

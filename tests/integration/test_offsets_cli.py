@@ -105,7 +105,7 @@ async def test_to_offset_moves_one_partition_and_refuses_offsets_outside_the_log
 async def test_to_datetime_seeks_to_the_first_record_at_or_after_the_time(
         config: Config, env: dict[str, str], db: asyncpg.Connection) -> None:
     await consumed(config, db, 60, 36, "f")
-    ends_before = (await status.end_offsets(config.kafka_bootstrap, [W.topic_for(config)]))[W.topic_for(config)]
+    ends_before = (await status.end_offsets(config, [W.topic_for(config)]))[W.topic_for(config)]
     await asyncio.sleep(1.2)
     cut = datetime.now(UTC)
     await asyncio.sleep(0.2)
@@ -127,7 +127,7 @@ async def test_execute_is_refused_while_the_group_has_live_members(
     try:
         group = W.group_for(config)
         for _ in range(150):
-            members = (await status.group_members(config.kafka_bootstrap, [group])).get(group, {})
+            members = (await status.group_members(config, [group])).get(group, {})
             if members.get("members"):
                 break
             await asyncio.sleep(0.2)

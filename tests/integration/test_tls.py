@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import pwd
@@ -38,7 +37,6 @@ from ingest import broker as broker_mod
 from ingest.broker import delete_topics, ensure_topics, listening
 from ingest.metrics import Metrics
 from ingest.publisher import Publisher
-from ingest.security import kafka_security
 from ingest.services import ServiceUnavailable, connect_redis, create_pool, with_database
 from tests.certs import Pair, make_ca, make_cert
 from tests.conftest import deployment_env, free_port, stop_process
@@ -265,7 +263,7 @@ async def test_migrate_and_drain_through_tls_everywhere(servers: Servers, tmp_pa
     try:
         events = list(sample.generate("webhook", EVENTS, n_tenants=3, dup_rate=0, seed=7))
         s = streams.WEBHOOK
-        async with Publisher.for_config(cfg, topic=s.topic_for(cfg), contract=s.contract(cfg)) as pub:
+        async with Publisher(cfg, topic=s.topic_for(cfg), contract=s.contract(cfg)) as pub:
             for e in events:
                 await pub.send(e)
         metrics = Metrics(tenant_label_limit=cfg.tenant_label_limit)
@@ -308,8 +306,7 @@ async def test_migrate_and_drain_through_tls_everywhere(servers: Servers, tmp_pa
         _no_secret(orjson.dumps(doc).decode(), text, exposition, caplog.text, repr(cfg), cli.stdout, cli.stderr,
                    cli_text.stdout, cli_text.stderr)
     finally:
-        await delete_topics(cfg.kafka_bootstrap, [s.topic_for(cfg) for s in streams.STREAMS.values()],
-                            **kafka_security(cfg.kafka_security))
+        await delete_topics(cfg, [s.topic_for(cfg) for s in streams.STREAMS.values()])
 
 
 async def test_plain_connections_are_refused(servers: Servers) -> None:
@@ -328,7 +325,8 @@ async def test_plain_connections_are_refused(servers: Servers) -> None:
         await connect_redis(wrong)
 
     with pytest.raises(ServiceUnavailable, match="INGEST_KAFKA_SECURITY_PROTOCOL=SSL") as kafka_err:
-        await ensure_topics(servers.kafka, ["never"], 1, request_timeout_ms=3000)  # PLAINTEXT to a TLS port
+        plain = settings.from_env({"INGEST_KAFKA_BOOTSTRAP": servers.kafka})  # PLAINTEXT to a TLS port
+        await ensure_topics(plain, ["never"], 1, request_timeout_ms=3000)
     for err in (pg_err, redis_err, anon_err, wrong_err, kafka_err):
         assert "\n" not in str(err.value)
         _no_secret(str(err.value))
@@ -341,9 +339,9 @@ async def test_a_wrong_ca_fails_with_one_clear_line(servers: Servers, tmp_path: 
     with pytest.raises(ServiceUnavailable) as redis_err:
         await connect_redis(servers.redis_url(ca=other))
     with pytest.raises(ServiceUnavailable) as kafka_err:
-        await ensure_topics(servers.kafka, ["never"], 1, request_timeout_ms=3000,
-                            **kafka_security(dataclasses.replace(settings.from_env({}).kafka_security, protocol="SSL",
-                                                                 ssl_cafile=str(other))))
+        wrong_ca = settings.from_env({"INGEST_KAFKA_BOOTSTRAP": servers.kafka, "INGEST_KAFKA_SECURITY_PROTOCOL": "SSL",
+                                      "INGEST_KAFKA_SSL_CA_FILE": str(other)})
+        await ensure_topics(wrong_ca, ["never"], 1, request_timeout_ms=3000)
     for err in (pg_err, redis_err, kafka_err):
         text = str(err.value)
         assert "certificate verify failed" in text and "TLS failed: check the CA file" in text and "\n" not in text
