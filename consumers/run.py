@@ -26,7 +26,8 @@ from ingest.dedupe import RedisHints
 from ingest.maintenance import LOCK_KEY, LedgerPolicy, Maintenance
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
-from ingest.services import ServiceUnavailable, connect_redis, create_pool, redact, redis_client
+from ingest.redaction import redact
+from ingest.services import ServiceUnavailable, connect_redis, create_pool, redis_client
 from ingest.sql import ident
 from ingest.writer import Writer
 

@@ -27,7 +27,8 @@ from ingest.codec import DecodeLimits, NulPolicy
 from ingest.config import BatchLimits, Config, DedupeConfig, KafkaSecurity, PartitionConfig, QuotaConfig
 from ingest.contract import TimeWindow
 from ingest.partitions import GRANULARITIES
-from ingest.security import PROTOCOLS, SecurityError, check_database_url, check_kafka, check_redis_url, redact
+from ingest.redaction import redact
+from ingest.security import PROTOCOLS, SecurityError, check_database_url, check_kafka, check_redis_url
 
 
 class SettingsError(ValueError):

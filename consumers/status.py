@@ -30,8 +30,8 @@ from ingest import kafka_options, partitions
 from ingest.config import Config, PartitionConfig, partitions_for
 from ingest.maintenance import TablePolicy
 from ingest.offsets import UNSET
-from ingest.security import redact_text
-from ingest.services import ServiceUnavailable, kafka_starting, redact
+from ingest.redaction import redact, redact_text
+from ingest.services import ServiceUnavailable, kafka_starting
 from ingest.sql import ident
 
 QUERY_TIMEOUT_MS = 5000

@@ -11,7 +11,7 @@ from datetime import timedelta
 from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits
 from ingest.contract import TimeWindow
-from ingest.security import redact
+from ingest.redaction import redact
 
 
 @dataclass(frozen=True, slots=True)

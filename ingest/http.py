@@ -15,7 +15,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -27,6 +26,7 @@ from redis.asyncio import Redis
 
 from ingest.consumer import State
 from ingest.metrics import Metrics
+from ingest.redaction import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ Probe = Callable[[], Awaitable[str | None]]
 
 PROBE_TIMEOUT_S = 1.0
 MIN_STALE_AFTER_S = 60.0
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
-_SECRET = re.compile(r"(?i)\b(password|passwd|pwd|secret|token)\s*[=:]\s*\S+")
 
 
 class NotReady(Exception):
@@ -66,8 +64,7 @@ def scrub(exc: BaseException) -> str:
     else:
         detail = str(exc).strip()
         text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    text = _SECRET.sub(lambda m: f"{m.group(1)}=***", _URL.sub("<url>", text))
-    return text[:200]
+    return redact_text(text, hide_urls=True)[:200]
 
 
 # -- probes ----------------------------------------------------------------------------------------------------

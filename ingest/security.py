@@ -1,4 +1,4 @@
-"""Connection security: Kafka SASL/TLS client options, checks of connection URLs, and redaction.
+"""Connection security: Kafka SASL/TLS client options and checks of connection URLs.
 
 Rules kept here:
 - ``kafka_security`` turns the Kafka settings into SASL/TLS client options; ``ingest.kafka_options`` adds them to
@@ -6,14 +6,13 @@ Rules kept here:
   context is built anew on each call, so a rotated certificate file is picked up by the next client.
 - Postgres and Redis connections are fully described by their URL, TLS parameters and credentials included; code
   that derives another URL from one (another database) must keep its query string.
-- Text shown to people (logs, errors, ``ingest status``, reprs) passes through ``redact`` / ``redact_text`` first.
+- Text shown to people (logs, errors, ``ingest status``, reprs) is redacted first: ``ingest.redaction``.
 - Error messages of the checks here never contain a URL or a password: only parameter names and file paths.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -28,34 +27,9 @@ SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 POSTGRES_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 REDIS_FILE_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
-_QUERY_SECRET = re.compile(r"(?i)([?&][^=&#\s]*pass[^=&#\s]*=)[^&#\s]*")
-_KEY_VALUE_SECRET = re.compile(r"(?i)\b((?:ssl)?password|passwd|pwd)(\s*[=:]\s*)(?!\*\*\*)[^\s&,;)]+")
-
 
 class SecurityError(ValueError):
     """A security setting that cannot work; the message names the setting and never contains a secret."""
-
-
-# -- redaction ----------------------------------------------------------------------------------------------------
-
-def redact(url: str) -> str:
-    """``url`` with the password of its user info and of any ``*pass*=`` query parameter replaced by ``***``.
-
-    The user info ends at the last ``@``, so a password containing ``@``, ``/`` or ``:`` is still masked."""
-    if "://" not in url:
-        return _KEY_VALUE_SECRET.sub(r"\1\2***", url)
-    scheme, rest = url.split("://", 1)
-    if "@" in rest:
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        rest = f"{user}:***@{host}" if ":" in creds else f"{user}@{host}"
-    return _QUERY_SECRET.sub(r"\1***", f"{scheme}://{rest}")
-
-
-def redact_text(text: str) -> str:
-    """``text`` (an error message, a log line) with every URL redacted and ``password=...`` values masked."""
-    return _KEY_VALUE_SECRET.sub(r"\1\2***", _URL.sub(lambda m: redact(m.group(0)), text))
 
 
 # -- Kafka --------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Rules kept here:
 - Postgres and Redis connections are made from their URL alone (TLS parameters and credentials included); a URL
   for another database on the same server is derived with ``with_database``, which keeps the query string.
-- ``ServiceUnavailable`` messages are one line and never contain a password (``ingest.security.redact_text``).
+- ``ServiceUnavailable`` messages are one line and never contain a password (``ingest.redaction``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArgsError
 
-from ingest.security import redact, redact_text
+from ingest.redaction import redact, redact_text
 
 HOW_TO_START = {
     "postgres": "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start "
@@ -144,5 +144,5 @@ async def connect_redis(url: str) -> Redis:
     return client
 
 
-__all__ = ["REDIS_UNAVAILABLE", "ServiceUnavailable", "connect_redis", "create_pool", "kafka_starting", "redact", "redis_client",
+__all__ = ["REDIS_UNAVAILABLE", "ServiceUnavailable", "connect_redis", "create_pool", "kafka_starting", "redis_client",
            "with_database"]

@@ -20,7 +20,8 @@ import orjson
 from consumers import status, streams
 from ingest import offsets
 from ingest.config import Config
-from ingest.services import ServiceUnavailable, redact
+from ingest.redaction import redact
+from ingest.services import ServiceUnavailable
 from ingest.sql import ident
 
 EXIT_REFUSED = 1

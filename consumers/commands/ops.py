@@ -17,7 +17,8 @@ from consumers import run, status, streams
 from ingest import partitions
 from ingest.config import Config, maintenance_url
 from ingest.maintenance import Maintenance, Report
-from ingest.services import ServiceUnavailable, create_pool, redact
+from ingest.redaction import redact
+from ingest.services import ServiceUnavailable, create_pool
 from ingest.sql import ident
 
 DEFAULT_MAX_LAG = 1000  # the IngestLagGrowing alert threshold

@@ -1,4 +1,4 @@
-"""Kafka SASL/TLS client options, connection URL checks and redaction (no broker needed: the TLS handshakes here
+"""Kafka SASL/TLS client options, connection URL checks and redacted errors (no broker needed: the TLS handshakes here
 are against a local asyncio TLS server using test-made certificates)."""
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from ingest.security import (
     check_kafka,
     check_redis_url,
     kafka_security,
-    redact,
-    redact_text,
     ssl_context,
 )
 from ingest.services import ServiceUnavailable, with_database
@@ -276,32 +274,13 @@ def test_with_database_keeps_credentials_and_tls_parameters() -> None:
         "postgresql://u:p%40ss@db.example.com:5432/postgres?sslmode=verify-full&sslrootcert=/run/ca/root.crt")
 
 
-# -- redaction --------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("url", "shown"), [
-    ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
-    ("postgresql://u:se@cr/et:x@h/db?sslmode=require", "postgresql://u:***@h/db?sslmode=require"),
-    ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
-    ("rediss://user:secret@h:6380/0?ssl_ca_certs=/ca.pem", "rediss://user:***@h:6380/0?ssl_ca_certs=/ca.pem"),
-    ("postgresql://h/db?user=u&password=secret&sslpassword=secret2", "postgresql://h/db?user=u&password=***&sslpassword=***"),
-    ("postgresql://u@h/db", "postgresql://u@h/db"),
-    ("127.0.0.1:9092", "127.0.0.1:9092"),
-])
-def test_redact(url: str, shown: str) -> None:
-    assert redact(url) == shown
-    assert redact(redact(url)) == shown
-
-
-def test_redact_text_masks_urls_and_password_assignments() -> None:
-    text = f"cannot connect to postgresql://u:{SECRET}@h/db (password={SECRET}) via redis://:{SECRET}@r/0"
-    out = redact_text(text)
-    assert SECRET not in out and "postgresql://u:***@h/db" in out and "password=***" in out
-
+# -- redaction where text is shown (ingest.redaction: tests/ingest/test_redaction.py) -------------------------
 
 def test_config_repr_hides_every_password() -> None:
-    cfg = dataclasses.replace(DEFAULTS, database_url=f"postgresql://u:{SECRET}@h/db", redis_url=f"rediss://u:{SECRET}@r:6380/0",
-                 kafka_security=kafka(protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
-                                              sasl_password=SECRET, ssl_key_password=SECRET))
+    cfg = dataclasses.replace(DEFAULTS, database_url=f"postgresql://u:{SECRET}@h/db",
+                              redis_url=f"rediss://u:{SECRET}@r:6380/0",
+                              kafka_security=kafka(protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
+                                                   sasl_password=SECRET, ssl_key_password=SECRET))
     text = repr(cfg)
     assert SECRET not in text and str(cfg) == text
     assert "postgresql://u:***@h/db" in text and "sasl_username='u'" in text
