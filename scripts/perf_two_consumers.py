@@ -7,7 +7,7 @@ and poll ``sum(next_offset)`` in ``consumer_offsets`` every 0.25 s until every p
 committed offset. Reports the aggregate events/s from the first commit to the last (steady) and from process
 start (wall), plus the whole machine's CPU use during the run (from /proc/stat).
 
-    .venv/bin/python scripts/perf_two_consumers.py --events 400000 --processes 1 2 --json docs/perf/two-consumers.json
+    .venv/bin/python scripts/perf_two_consumers.py --events 400000 --processes 1 2 --json processes-1-vs-2.json
 
 ``--keep`` leaves the database of the last run in place (for size measurements) and prints its URL.
 """
