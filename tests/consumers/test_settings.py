@@ -55,11 +55,11 @@ def test_config_is_frozen() -> None:
         cfg.kafka_bootstrap = "x"  # type: ignore[misc]
 
 
-def test_readme_table_lists_every_setting_with_its_default() -> None:
-    rows = dict(re.findall(r"^\| `(INGEST_[A-Z0-9_]+)` \| (.+?) \|", README.read_text(), re.M))
-    assert set(rows) == {s.env for s in SETTINGS}
-    for s in SETTINGS:
-        assert rows[s.env] == (f"`{s.default}`" if s.default else "_(empty)_"), s.env
+def test_readme_points_at_the_reference_page_and_repeats_no_default() -> None:
+    """The settings' defaults are listed once, in docs/configuration.md (checked below); the README links there."""
+    text = README.read_text()
+    assert "docs/configuration.md" in text
+    assert not re.findall(r"^\| `INGEST_[A-Z0-9_]+` \|", text, re.M), "a settings table in the README goes stale"
 
 
 def test_the_reference_page_is_generated_from_the_table() -> None:
