@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -61,59 +61,69 @@ class EndOffset:
     listed: int | None
 
 
+@contextlib.asynccontextmanager
+async def _probe(config: Config, client_id: str, budget_s: float) -> AsyncIterator[AIOKafkaConsumer]:
+    """A started consumer outside any group (nothing auto-commits, nothing resets by itself); any failure to reach
+    or use the broker becomes ``ServiceUnavailable``."""
+    bootstrap = config.kafka_bootstrap
+    consumer = AIOKafkaConsumer(**kafka_options.consumer(
+        config, client_id=client_id, enable_auto_commit=False, group_id=None, auto_offset_reset="none",
+        fetch_max_wait_ms=100, max_partition_fetch_bytes=64 * 1024, request_timeout_ms=int(budget_s * 1000)))
+    try:
+        try:
+            async with kafka_starting(bootstrap):
+                await asyncio.wait_for(consumer.start(), budget_s)
+            yield consumer
+        except ServiceUnavailable:
+            raise
+        except Exception as exc:
+            raise ServiceUnavailable("kafka", bootstrap, exc) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
+async def _log_ends(config: Config, consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
+                    budget_s: float) -> dict[TopicPartition, EndOffset]:
+    """Beginning and end of each assigned partition: ``max(highwater, ListOffsets)`` (see the module note)."""
+    listed: dict[Any, int] = {}
+    with contextlib.suppress(Exception):
+        listed = await consumer.end_offsets(tps)
+    beginning: dict[Any, int] = {}
+    with contextlib.suppress(Exception):
+        beginning = await consumer.beginning_offsets(tps)
+    await consumer.seek_to_end(*tps)
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline:
+        pending = [tp for tp in tps if consumer.highwater(tp) is None]
+        if not pending:
+            break
+        await consumer.getmany(*pending, timeout_ms=200)
+    out = {}
+    for tp in tps:
+        hw, lo = consumer.highwater(tp), listed.get(tp)
+        known = [v for v in (hw, lo) if v is not None]
+        if not known:
+            raise ServiceUnavailable("kafka", config.kafka_bootstrap, f"no end offset for {tp.topic}[{tp.partition}]")
+        out[tp] = EndOffset(beginning.get(tp, 0), max(known), hw, lo)
+    return out
+
+
 async def end_offsets(config: Config, topics: Sequence[str], *,
                       budget_s: float = 5.0) -> dict[str, dict[int, EndOffset]]:
     """Per topic and partition: beginning and end offsets (see the module note). Missing topics map to ``{}``.
 
     Raises ``ServiceUnavailable`` when the broker cannot be reached."""
-    bootstrap = config.kafka_bootstrap
-    consumer = AIOKafkaConsumer(**kafka_options.consumer(
-        config, client_id="ingest-status", enable_auto_commit=False, group_id=None, fetch_max_wait_ms=100,
-        max_partition_fetch_bytes=64 * 1024, request_timeout_ms=int(budget_s * 1000)))
-    try:
-        async with kafka_starting(bootstrap):
-            await asyncio.wait_for(consumer.start(), budget_s)
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
-        if isinstance(exc, ServiceUnavailable):
-            raise
-        raise ServiceUnavailable("kafka", bootstrap, exc) from None
-    try:
+    async with _probe(config, "ingest-status", budget_s) as consumer:
         present = await consumer.topics()
         tps = [TopicPartition(t, p) for t in topics if t in present
                for p in sorted(consumer.partitions_for_topic(t) or ())]
         out: dict[str, dict[int, EndOffset]] = {t: {} for t in topics}
-        if not tps:
-            return out
-        consumer.assign(tps)
-        listed: dict[Any, int] = {}
-        with contextlib.suppress(Exception):
-            listed = await consumer.end_offsets(tps)
-        beginning: dict[Any, int] = {}
-        with contextlib.suppress(Exception):
-            beginning = await consumer.beginning_offsets(tps)
-        await consumer.seek_to_end(*tps)
-        deadline = time.monotonic() + budget_s
-        while time.monotonic() < deadline:
-            pending = [tp for tp in tps if consumer.highwater(tp) is None]
-            if not pending:
-                break
-            await consumer.getmany(*pending, timeout_ms=200)
-        for tp in tps:
-            hw, lo = consumer.highwater(tp), listed.get(tp)
-            known = [v for v in (hw, lo) if v is not None]
-            if not known:
-                raise ServiceUnavailable("kafka", bootstrap, f"no end offset for {tp.topic}[{tp.partition}]")
-            out[tp.topic][tp.partition] = EndOffset(beginning.get(tp, 0), max(known), hw, lo)
+        if tps:
+            consumer.assign(tps)
+            for tp, e in (await _log_ends(config, consumer, tps, budget_s)).items():
+                out[tp.topic][tp.partition] = e
         return out
-    except ServiceUnavailable:
-        raise
-    except Exception as exc:
-        raise ServiceUnavailable("kafka", bootstrap, exc) from None
-    finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
 
 
 async def offsets_for_time(config: Config, topic: str, partitions: Sequence[int], ts_ms: int, *,
@@ -122,31 +132,18 @@ async def offsets_for_time(config: Config, topic: str, partitions: Sequence[int]
     log end). Asks the broker (ListOffsets by time); an answer that breaks that rule (a record timestamped before
     ``ts_ms``, as the embedded broker returns) is replaced by a bisection over the log, reading one record per
     step (record timestamps are taken as non-decreasing within a partition)."""
-    bootstrap = config.kafka_bootstrap
-    consumer = AIOKafkaConsumer(**kafka_options.consumer(
-        config, client_id="ingest-offsets", enable_auto_commit=False, group_id=None, auto_offset_reset="none",
-        fetch_max_wait_ms=100, max_partition_fetch_bytes=64 * 1024, request_timeout_ms=int(budget_s * 1000)))
-    try:
-        async with kafka_starting(bootstrap):
-            await asyncio.wait_for(consumer.start(), budget_s)
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
-        if isinstance(exc, ServiceUnavailable):
-            raise
-        raise ServiceUnavailable("kafka", bootstrap, exc) from None
-    try:
+    async with _probe(config, "ingest-offsets", budget_s) as consumer:
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         answers = await consumer.offsets_for_times({tp: ts_ms for tp in tps})
-        start, end = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        bounds = await _log_ends(config, consumer, tps, budget_s)
         out: dict[int, int | None] = {}
         for tp in tps:
             a = answers.get(tp)
             if a is None or a.timestamp >= ts_ms:
                 out[tp.partition] = None if a is None else a.offset
                 continue
-            lo, hi = start[tp], end[tp]  # first offset in [lo, hi) with timestamp >= ts_ms; hi = none
+            lo, hi = bounds[tp].beginning, bounds[tp].end  # first offset in [lo, hi) with timestamp >= ts_ms
             while lo < hi:
                 mid = (lo + hi) // 2
                 consumer.seek(tp, mid)
@@ -155,20 +152,14 @@ async def offsets_for_time(config: Config, topic: str, partitions: Sequence[int]
                 while not got and time.monotonic() < deadline:
                     got = (await consumer.getmany(tp, timeout_ms=200, max_records=1)).get(tp, [])
                 if not got:
-                    raise ServiceUnavailable("kafka", bootstrap, f"no record at {topic}[{tp.partition}]@{mid}")
+                    raise ServiceUnavailable("kafka", config.kafka_bootstrap,
+                                             f"no record at {topic}[{tp.partition}]@{mid}")
                 if got[0].timestamp >= ts_ms:
                     hi = mid
                 else:
                     lo = got[0].offset + 1
-            out[tp.partition] = lo if lo < end[tp] else None
+            out[tp.partition] = lo if lo < bounds[tp].end else None
         return out
-    except ServiceUnavailable:
-        raise
-    except Exception as exc:
-        raise ServiceUnavailable("kafka", bootstrap, exc) from None
-    finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
 
 
 async def group_members(config: Config, groups: Sequence[str], *,
