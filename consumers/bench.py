@@ -32,7 +32,8 @@ from ingest import kafka_options
 from ingest.broker import delete_topics
 from ingest.config import Config
 from ingest.consumer import Totals
-from ingest.pipeline import Outcome, SimpleRecord, prepare
+from ingest.pipeline import Outcome, prepare
+from ingest.rows import SimpleRecord
 from ingest.services import create_pool, redis_client, with_database
 from ingest.sql import ident
 

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ingest.metrics import Metrics
+from ingest.rows import Key
 from ingest.services import REDIS_UNAVAILABLE
 from ingest.sql import ident
 
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from ingest.sql import Conn
 
 log = logging.getLogger(__name__)
-
-Key = tuple[str, str]  # (tenant_id, idempotency_key)
 
 # Both scripts take the batch's digests as ONE argument (16 bytes each, concatenated): packing one argument
 # instead of thousands is most of the client-side cost of a batch. Keys are built in the script from the

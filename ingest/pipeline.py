@@ -13,49 +13,21 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ingest.breaker import Breaker
 from ingest.codec import DecodeLimits, decode
 from ingest.contract import Contract
-from ingest.dedupe import Key, RedisHints
+from ingest.dedupe import RedisHints
 from ingest.metrics import Metrics
 from ingest.reject import Rejected
-from ingest.writer import Candidate, Writer, WriteResult
+from ingest.rows import Candidate, DeadLetter, Key, Record
+from ingest.writer import Writer, WriteResult
 
 if TYPE_CHECKING:
     from ingest.sql import Conn
 
 log = logging.getLogger(__name__)
-
-
-class Record(Protocol):
-    """What a stage needs of a Kafka record (aiokafka's ConsumerRecord satisfies it)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def timestamp(self) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SimpleRecord:
-    """A ``Record`` built in memory (bench, tools, tests)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
 
 
 def _text(value: object, limit: int) -> str | None:
@@ -80,7 +52,7 @@ class Prepared:
     """The outcome of the CPU stages for one batch."""
 
     candidates: list[Candidate] = field(default_factory=list)
-    dead_letters: list[tuple[Any, ...]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
     in_batch_duplicates: int = 0
     sanitized: int = 0
     advance: dict[int, int] = field(default_factory=dict)
@@ -108,8 +80,8 @@ def prepare(stream: str, records: Sequence[Record], contract: Contract, limits: 
         except Rejected as rej:
             tenant = obj.get("tenant_id") if isinstance(obj, dict) else None
             idem = obj.get("idempotency_key") if isinstance(obj, dict) else None
-            out.dead_letters.append((stream, str(rej.reason), _text(rej.detail, 1000), rec.value,
-                                     _text(tenant, 256), _text(idem, 512), rec.topic, p, off, rec.key, ts))
+            out.dead_letters.append(DeadLetter(stream, str(rej.reason), _text(rej.detail, 1000), rec.value,
+                                               _text(tenant, 256), _text(idem, 512), rec.topic, p, off, rec.key, ts))
             continue
         key: Key = (values[0], values[1])
         if key in seen:
@@ -117,10 +89,7 @@ def prepare(stream: str, records: Sequence[Record], contract: Contract, limits: 
             continue
         seen.add(key)
         out.sanitized += decoded.sanitized
-        out.candidates.append(Candidate(
-            key, (*values, ts, p, off),
-            (stream, "", "", rec.value, key[0], key[1], rec.topic, p, off, rec.key, ts),
-        ))
+        out.candidates.append(Candidate(key, (*values, ts, p, off), rec, ts))
     return out
 
 
@@ -176,7 +145,7 @@ class Pipeline:
             if len(records) > self.SLICE:
                 await asyncio.sleep(0)
         if self.breaker is not None:
-            reasons = Counter(str(row[1]) for row in prepared.dead_letters)
+            reasons = Counter(d.reason for d in prepared.dead_letters)
             self.breaker.check(self.stream, len(records), len(prepared.dead_letters), reasons)
         candidates = prepared.candidates
         digests: dict[Key, bytes] = {}
@@ -232,16 +201,16 @@ class Pipeline:
         rejected = [*prepared.dead_letters, *result.refused]
         if not rejected and not result.over_quota:
             return
-        self._rejects.update(str(row[1]) for row in rejected)
+        self._rejects.update(d.reason for d in rejected)
         if result.over_quota:
             self._rejects["quota_exceeded"] += len(result.over_quota)
         now = time.monotonic()
         if now - self._last_reject_log >= self.REJECT_LOG_INTERVAL:
-            example = rejected[0] if rejected else result.over_quota[0].dead_letter
+            example = rejected[0] if rejected else result.over_quota[0].dead_letter(self.stream, "quota_exceeded", "")
             log.warning("records dead-lettered", extra={
                 "stream": self.stream, "batch_id": self._batch_id, "by_reason": dict(self._rejects),
-                "example": {"reason": example[1] or "quota_exceeded", "topic": example[6],
-                            "partition": example[7], "offset": example[8]}})
+                "example": {"reason": example.reason, "topic": example.source_topic,
+                            "partition": example.source_partition, "offset": example.source_offset}})
             self._rejects.clear()
             self._last_reject_log = now
 
@@ -261,8 +230,8 @@ class Pipeline:
         m.events.labels(s, "duplicate").inc(outcome.duplicates)
         m.events.labels(s, "rejected").inc(outcome.rejected)
         m.events.labels(s, "quota_exceeded").inc(outcome.quota_exceeded)
-        reasons = Counter(row[1] for row in prepared.dead_letters)
-        reasons.update(row[1] for row in result.refused)
+        reasons = Counter(d.reason for d in prepared.dead_letters)
+        reasons.update(d.reason for d in result.refused)
         if result.over_quota:
             reasons["quota_exceeded"] += len(result.over_quota)
         for reason, n in reasons.items():
@@ -275,7 +244,7 @@ class Pipeline:
         m.batch_rows.labels(s).observe(outcome.stored)
         m.batch_write.labels(s).observe(outcome.write_seconds)
         now = time.time()
-        latencies = [max(0.0, now - c.row[-3].timestamp()) for c in result.stored]
+        latencies = [max(0.0, now - c.kafka_time.timestamp()) for c in result.stored]
         m.latency.observe_many((s,), latencies)
         if self.on_commit is not None:
             self.on_commit(outcome, latencies)
@@ -283,8 +252,8 @@ class Pipeline:
         # the per-tenant sums equal ingest_events_total; in-batch duplicates carry no tenant here (None).
         stored: Counter[str | None] = Counter(c.key[0] for c in result.stored)
         quota: Counter[str | None] = Counter(c.key[0] for c in result.over_quota)
-        refused: Counter[str | None] = Counter(row[4] for row in result.refused)
-        rejected: Counter[str | None] = Counter(row[4] for row in prepared.dead_letters)
+        refused: Counter[str | None] = Counter(d.tenant_id for d in result.refused)
+        rejected: Counter[str | None] = Counter(d.tenant_id for d in prepared.dead_letters)
         rejected.update(refused)
         duplicates: Counter[str | None] = Counter(c.key[0] for c in result.duplicates)
         if staged.hinted:  # Redis-hinted duplicates never reached the writer

@@ -11,22 +11,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from ingest import dedupe, offsets
-from ingest.dedupe import Key
 from ingest.quota import Quota
 from ingest.reject import Reason
+from ingest.rows import DEAD_LETTER_COLUMNS, Candidate, DeadLetter, Key
 
 if TYPE_CHECKING:
     from ingest.sql import Conn
 
-DEAD_LETTER_COLUMNS = (
-    "stream", "reason", "detail", "raw", "tenant_id", "idempotency_key",
-    "source_topic", "source_partition", "source_offset", "kafka_key", "kafka_timestamp",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,26 +38,12 @@ class Tables:
 
 
 @dataclass(slots=True)
-class Candidate:
-    """A valid, not-yet-seen event: its dedupe key, its row, and a dead-letter row to use if it is refused."""
-
-    key: Key
-    row: tuple[Any, ...]
-    dead_letter: tuple[Any, ...]
-
-
-@dataclass(slots=True)
 class WriteResult:
     stored: list[Candidate] = field(default_factory=list)
     duplicates: list[Candidate] = field(default_factory=list)
     over_quota: list[Candidate] = field(default_factory=list)
-    refused: list[tuple[Any, ...]] = field(default_factory=list)
+    refused: list[DeadLetter] = field(default_factory=list)
     splits: int = 0
-
-
-def with_reason(dead_letter: tuple[Any, ...], reason: Reason, detail: str) -> tuple[Any, ...]:
-    """Return a dead-letter row with ``reason`` and ``detail`` replaced."""
-    return (dead_letter[0], str(reason), detail, *dead_letter[3:])
 
 
 def _is_data_error(exc: BaseException) -> bool:
@@ -83,7 +65,7 @@ class Writer:
         self.idle_timeout = str(int(idle_timeout_ms))
 
     async def write(
-        self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
+        self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[DeadLetter],
         expected: dict[int, int], advance: dict[int, int],
     ) -> WriteResult:
         """Commit one batch or raise (``offsets.Fenced`` when another owner moved a partition).
@@ -98,7 +80,7 @@ class Writer:
         return await self._attempt(conn, candidates, dead_letters, expected, advance, verdicts, careful=True)
 
     async def _attempt(
-        self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[tuple[Any, ...]],
+        self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[DeadLetter],
         expected: dict[int, int], advance: dict[int, int], verdicts: dict[Key, bool], *, careful: bool,
     ) -> WriteResult:
         result = WriteResult()
@@ -127,7 +109,7 @@ class Writer:
                     await self._copy(conn, admitted)
                     result.stored = admitted
             rejected = list(dead_letters)
-            rejected += [with_reason(c.dead_letter, Reason.QUOTA_EXCEEDED, "tenant over its quota")
+            rejected += [c.dead_letter(self.stream, Reason.QUOTA_EXCEEDED, "tenant over its quota")
                          for c in result.over_quota]
             rejected += result.refused
             if rejected:
@@ -160,7 +142,7 @@ class Writer:
                 if len(chunk) == 1:
                     c = chunk[0]
                     detail = f"Postgres refused the row: {exc.sqlstate} {str(exc)[:300]}"
-                    result.refused.append(with_reason(c.dead_letter, Reason.DB_REJECTED, detail))
+                    result.refused.append(c.dead_letter(self.stream, Reason.DB_REJECTED, detail))
                     await dedupe.unclaim(conn, self.tables.ledger, self.stream, [c.key])
                 else:
                     result.splits += 1

@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 
 from consumers import settings, streams
 from consumers.bench import BenchOptions, _values
-from ingest.pipeline import SimpleRecord, prepare
+from ingest.pipeline import prepare
+from ingest.rows import SimpleRecord
 
 
 def main() -> None:

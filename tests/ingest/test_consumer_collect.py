@@ -12,7 +12,7 @@ from aiokafka import TopicPartition
 from consumers.settings import from_env
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
-from ingest.pipeline import SimpleRecord
+from ingest.rows import SimpleRecord
 
 TOPIC = "events.webhook"
 

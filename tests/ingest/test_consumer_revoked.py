@@ -9,7 +9,8 @@ from typing import Any
 from consumers.settings import from_env
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
-from ingest.pipeline import Outcome, Prepared, SimpleRecord, Staged
+from ingest.pipeline import Outcome, Prepared, Staged
+from ingest.rows import SimpleRecord
 from tests.fakes import FakeKafka, FakePool
 
 TOPIC = "events.webhook"

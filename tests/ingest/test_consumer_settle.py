@@ -11,7 +11,8 @@ from consumers.settings import from_env
 from ingest import offsets
 from ingest.consumer import StreamConsumer
 from ingest.metrics import Metrics
-from ingest.pipeline import Prepared, SimpleRecord, Staged
+from ingest.pipeline import Prepared, Staged
+from ingest.rows import SimpleRecord
 from tests.fakes import FakeKafka, FakePool
 
 TOPIC = "events.webhook"

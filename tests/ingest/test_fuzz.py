@@ -14,8 +14,9 @@ from consumers.settings import from_env
 from consumers.streams import AUDIT, WEBHOOK, Stream, load_schema
 from ingest.codec import DecodeLimits, NulPolicy, decode
 from ingest.contract import Contract
-from ingest.pipeline import SimpleRecord, prepare
+from ingest.pipeline import prepare
 from ingest.reject import Reason, Rejected
+from ingest.rows import SimpleRecord
 
 NOW = datetime(2024, 6, 15, 12, 0, 0, tzinfo=UTC)
 WINDOW = from_env({}).window

@@ -13,8 +13,10 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from consumers.settings import from_env
 from ingest.metrics import LATENCY_BUCKETS, BatchHistogram, Metrics
 from ingest.pipeline import Outcome, Pipeline, Prepared, Staged
-from ingest.writer import Candidate, WriteResult
+from ingest.rows import Candidate, DeadLetter, SimpleRecord
+from ingest.writer import WriteResult
 
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 OUTCOMES = ("stored", "duplicate", "rejected", "quota_exceeded")
 
 
@@ -116,8 +118,7 @@ def test_labels_are_per_stream_and_limit_zero_means_only_other() -> None:
 
 def candidate(tenant: str, key: str) -> Candidate:
     ts = datetime.now(UTC)
-    return Candidate((tenant, key), (tenant, key, ts, 0, 0),
-                     ("webhook", "", "", b"{}", tenant, key, "topic", 0, 0, None, ts))
+    return Candidate((tenant, key), (tenant, key, ts, 0, 0), SimpleRecord("topic", 0, 0, None, b"{}", 0), ts)
 
 
 def test_pipeline_attributes_every_outcome_to_a_tenant() -> None:
@@ -128,9 +129,9 @@ def test_pipeline_attributes_every_outcome_to_a_tenant() -> None:
     a, b, c, d, e = (candidate("t1", "a"), candidate("t1", "b"), candidate("t2", "c"), candidate("t3", "d"),
                      candidate("t2", "e"))
     prepared = Prepared(candidates=[a, b, c, d, e], in_batch_duplicates=2,
-                        dead_letters=[("webhook", "schema", "", b"{}", "t9", None, "topic", 0, 9, None, None),
-                                      ("webhook", "not_json", "", b"x", None, None, "topic", 0, 8, None, None)])
-    refused = ("webhook", "db_rejected", "", b"{}", "t2", "e", "topic", 0, 0, None, None)
+                        dead_letters=[DeadLetter("webhook", "schema", "", b"{}", "t9", None, "topic", 0, 9, None, T0),
+                                      DeadLetter("webhook", "not_json", "", b"x", None, None, "topic", 0, 8, None, T0)])
+    refused = DeadLetter("webhook", "db_rejected", "", b"{}", "t2", "e", "topic", 0, 0, None, T0)
     # b was a Redis-hinted duplicate, so it never reached the writer.
     result = WriteResult(stored=[a], duplicates=[c], over_quota=[d], refused=[refused])
     outcome = Outcome(stored=1, duplicates=2 + 1 + 1, rejected=2 + 1, quota_exceeded=1, write_seconds=0.01)

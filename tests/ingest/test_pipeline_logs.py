@@ -12,8 +12,9 @@ import pytest
 from consumers import streams
 from consumers.settings import from_env
 from ingest.metrics import Metrics
-from ingest.pipeline import Pipeline, SimpleRecord
-from ingest.writer import Candidate, WriteResult
+from ingest.pipeline import Pipeline
+from ingest.rows import Candidate, SimpleRecord
+from ingest.writer import WriteResult
 
 Rec = SimpleRecord
 

@@ -17,7 +17,7 @@ from ingest.codec import DecodeLimits, NulPolicy
 from ingest.contract import Contract
 from ingest.pipeline import prepare
 from ingest.reject import Reason
-from ingest.writer import DEAD_LETTER_COLUMNS
+from ingest.rows import DEAD_LETTER_COLUMNS
 
 NOW = datetime(2024, 6, 15, 12, 0, 0, tzinfo=UTC)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -71,7 +71,7 @@ def test_valid_record_becomes_a_candidate_row() -> None:
                          b'{"n":1}', b'{"x":"1"}')
     assert c.row[-3].tzinfo is not None
     assert c.key == ("org-1", "evt-1")
-    assert dead(c.dead_letter) == {
+    assert dead(c.dead_letter("webhook", "", "")) == {
         "stream": "webhook", "reason": "", "detail": "", "raw": value, "tenant_id": "org-1",
         "idempotency_key": "evt-1", "source_topic": "events.webhook", "source_partition": 2, "source_offset": 41,
         "kafka_key": b"org-1", "kafka_timestamp": ts,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -15,10 +15,12 @@ import pytest
 from ingest import offsets
 from ingest.dedupe import Key
 from ingest.reject import Reason
-from ingest.writer import DEAD_LETTER_COLUMNS, Candidate, Tables, Writer, WriteResult, with_reason
+from ingest.rows import DEAD_LETTER_COLUMNS, Candidate, DeadLetter, SimpleRecord
+from ingest.writer import Tables, Writer, WriteResult
 from tests.fakes import Call, FakeConn
 
 TOPIC = "events.webhook"
+KAFKA_TIME = datetime(2026, 1, 1, tzinfo=UTC)
 TABLES = Tables(events="events_webhook", columns=("tenant_id", "idempotency_key", "payload"))
 BAD = asyncpg.exceptions.UntranslatableCharacterError("unsupported Unicode escape sequence")
 
@@ -81,11 +83,12 @@ def label(call: Call) -> str:
 def candidate(tenant: str, key: str, offset: int = 0) -> Candidate:
     raw = f'{{"tenant_id":"{tenant}","idempotency_key":"{key}"}}'.encode()
     return Candidate(key=(tenant, key), row=(tenant, key, raw.decode()),
-                     dead_letter=("webhook", "unset", "", raw, tenant, key, TOPIC, 0, offset, None, None))
+                     record=SimpleRecord(TOPIC, 0, offset, None, raw, 0), kafka_time=KAFKA_TIME)
 
 
-def invalid(offset: int) -> tuple[Any, ...]:
-    return ("webhook", str(Reason.NOT_JSON), "not JSON", b"{", None, None, TOPIC, 0, offset, None, None)
+def invalid(offset: int) -> DeadLetter:
+    return DeadLetter("webhook", str(Reason.NOT_JSON), "not JSON", b"{", None, None, TOPIC, 0, offset, None,
+                      KAFKA_TIME)
 
 
 def setup(db: Db, over: Sequence[str] = (), **kw: Any) -> tuple[Writer, FakeConn, FakeQuota]:
@@ -183,8 +186,8 @@ async def test_over_quota_keys_are_unclaimed_and_dead_lettered_with_their_source
     assert unclaimed(conn) == [c1.key, c2.key]
     assert copied(conn, TABLES.events) == [a.row]
     letters = copied(conn, TABLES.dead_letters)
-    assert [(d[1], d[3], d[8]) for d in letters] == [("quota_exceeded", c1.dead_letter[3], 6),
-                                                      ("quota_exceeded", c2.dead_letter[3], 7)]
+    assert [(d[1], d[3], d[8]) for d in letters] == [("quota_exceeded", c1.record.value, 6),
+                                                      ("quota_exceeded", c2.record.value, 7)]
 
 
 async def test_dead_letters_are_copied_in_the_same_transaction_with_their_columns() -> None:
@@ -196,8 +199,8 @@ async def test_dead_letters_are_copied_in_the_same_transaction_with_their_column
 
 
 def test_with_reason_replaces_reason_and_detail_only() -> None:
-    letter = candidate("a", "1", 9).dead_letter
-    out = with_reason(letter, Reason.DB_REJECTED, "refused")
+    letter = candidate("a", "1", 9).dead_letter("webhook", "unset", "")
+    out = letter.with_reason(Reason.DB_REJECTED, "refused")
     assert out == (letter[0], "db_rejected", "refused", *letter[3:])
 
 

@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from consumers import run, sample, streams
 from ingest import offsets
 from ingest.config import Config
-from ingest.pipeline import SimpleRecord
+from ingest.rows import SimpleRecord
 from tests.integration.helpers import dumps
 
 

@@ -13,7 +13,8 @@ from consumers import sample, streams
 from consumers.settings import from_env
 from ingest import offsets
 from ingest.config import Config
-from ingest.pipeline import SimpleRecord, prepare
+from ingest.pipeline import prepare
+from ingest.rows import SimpleRecord
 from ingest.services import create_pool
 from ingest.writer import Writer
 
