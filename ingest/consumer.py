@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,13 +31,13 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
-from ingest import kafka_options, offsets
+from ingest import kafka_options, offsets, retry
 from ingest.breaker import CircuitOpen
 from ingest.config import Config
 from ingest.metrics import Metrics
 from ingest.partition_state import Partitions
 from ingest.pipeline import Outcome, Pipeline, Staged
-from ingest.retry import Backoff, component_of
+from ingest.retry import Backoff
 from ingest.services import kafka_starting
 
 log = logging.getLogger(__name__)
@@ -291,12 +291,12 @@ class StreamConsumer:
             while not stop.is_set():
                 self.state.last_turn = self.clock()
                 try:
-                    if self.parts.unpositioned() and not await self._retrying(
+                    if self.parts.unpositioned() and not await self._with_retries(
                             consumer, stop, lambda: self._position(consumer)):
                         break
                 except LogMismatch as exc:
                     if pending is not None:
-                        await self._settle(consumer, stop, *pending)
+                        await self._finish_write(consumer, stop, *pending)
                         pending = None
                     self._stop_stream("log_mismatch", str(exc))
                     break
@@ -307,12 +307,12 @@ class StreamConsumer:
                         staged = await self.pipeline.stage(records)  # overlaps the write in flight
                     except CircuitOpen as exc:
                         if pending is not None:
-                            await self._settle(consumer, stop, *pending)
+                            await self._finish_write(consumer, stop, *pending)
                             pending = None
                         self._stop_stream("circuit_open", str(exc))
                         break
                 if pending is not None:
-                    await self._settle(consumer, stop, *pending)
+                    await self._finish_write(consumer, stop, *pending)
                     pending = None
                 if staged is not None:
                     pending = (asyncio.create_task(self._write(consumer, staged, epochs)), staged, epochs)
@@ -321,7 +321,7 @@ class StreamConsumer:
                     if drain and self._caught_up(consumer):
                         break
             if pending is not None:
-                await self._settle(consumer, stop, *pending)
+                await self._finish_write(consumer, stop, *pending)
                 pending = None
         except BaseException:
             if pending is not None:
@@ -416,8 +416,8 @@ class StreamConsumer:
         self.totals.add(outcome)
         self._after_commit(consumer)
 
-    async def _settle(self, consumer: AIOKafkaConsumer, stop: asyncio.Event, task: asyncio.Task[None],
-                      staged: Staged, epochs: dict[int, int]) -> None:
+    async def _finish_write(self, consumer: AIOKafkaConsumer, stop: asyncio.Event, task: asyncio.Task[None],
+                            staged: Staged, epochs: dict[int, int]) -> None:
         """Wait for a write in flight; on failure retry it (nothing else overlaps while retrying). A write that
         is fenced, or abandoned because ``stop`` was set mid-retry, re-positions its partitions: records staged
         after it must never be written past its unwritten records."""
@@ -428,55 +428,45 @@ class StreamConsumer:
             except offsets.Fenced:
                 raise
             except Exception as exc:
-                if await self._retrying(consumer, stop, lambda: self._write(consumer, staged, epochs), failed=exc):
+                if await self._with_retries(consumer, stop, lambda: self._write(consumer, staged, epochs),
+                                            failed=exc):
                     return
+                log.warning("stopping with a batch unwritten; it will be re-read", extra={"stream": self.stream})
         except offsets.Fenced as fenced:
             self.metrics.fenced.labels(self.stream).inc()
             log.warning("batch fenced: another owner moved the offsets; re-seeking",
                         extra={"stream": self.stream, "partitions": list(fenced.partitions)})
         self._reposition(consumer, {r.partition for r in staged.records})
 
-    async def _retrying(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
-                        action: Callable[[], Any], failed: BaseException | None = None) -> bool:
-        """Run ``action`` until it succeeds (True) or ``stop`` is set (False); between attempts pause every
-        partition and keep polling so the group membership survives. ``failed``: the first attempt already
-        failed with it (back off before trying again)."""
-        attempt = 0
-        while True:
-            try:
-                if failed is not None:
-                    exc, failed = failed, None
-                    raise exc
-                await action()
-            except (offsets.Fenced, CircuitOpen, LogMismatch):
-                if attempt:
-                    self._set_paused(consumer, None)  # the fault is over; the caller handles the fence
-                raise
-            except Exception as exc:
-                component = component_of(exc)
-                self.metrics.retries.labels(component).inc()
-                if component == "redis":
-                    self.metrics.redis_errors.inc()
-                else:
-                    self.metrics.postgres_errors.inc()
-                delay = self._backoff.delay(attempt)
-                log.warning("transient failure; retrying", extra={
-                    "stream": self.stream, "component": component, "error": type(exc).__name__,
-                    "detail": str(exc)[:200], "attempt": attempt + 1, "retry_in_s": round(delay, 2)})
-                if attempt == 0:
-                    self._set_paused(consumer, component)
-                attempt += 1
-                deadline = self.clock() + delay
-                while self.clock() < deadline:
-                    await self._poll(consumer, timeout_ms=int(max(0.01, deadline - self.clock()) * 1000))
-                    self.state.last_turn = self.clock()
-                if stop.is_set():
-                    log.warning("stopping with a batch unwritten; it will be re-read", extra={"stream": self.stream})
-                    return False
-                continue
-            if attempt:
-                self._set_paused(consumer, None)
-            return True
+    async def _with_retries(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
+                            action: Callable[[], Awaitable[object]], failed: BaseException | None = None) -> bool:
+        """``retry.until_done`` for this consumer: while failing, every partition is paused and the loop keeps
+        polling, so the group membership survives. True once ``action`` succeeded; False when ``stop`` was set."""
+        return await retry.until_done(
+            action, stop=stop, backoff=self._backoff, fatal=(offsets.Fenced, CircuitOpen, LogMismatch),
+            wait=lambda delay: self._poll_for(consumer, delay),
+            on_failure=lambda exc, attempt, delay: self._failed(consumer, exc, attempt, delay),
+            on_recovered=lambda: self._set_paused(consumer, None), failed=failed)
+
+    def _failed(self, consumer: AIOKafkaConsumer, exc: BaseException, attempt: int, delay: float) -> None:
+        component = retry.component_of(exc)
+        self.metrics.retries.labels(component).inc()
+        if component == "redis":
+            self.metrics.redis_errors.inc()
+        else:
+            self.metrics.postgres_errors.inc()
+        log.warning("transient failure; retrying", extra={
+            "stream": self.stream, "component": component, "error": type(exc).__name__,
+            "detail": str(exc)[:200], "attempt": attempt + 1, "retry_in_s": round(delay, 2)})
+        if attempt == 0:
+            self._set_paused(consumer, component)
+
+    async def _poll_for(self, consumer: AIOKafkaConsumer, seconds: float) -> None:
+        """Keep polling (records of paused partitions are not returned) for ``seconds``."""
+        deadline = self.clock() + seconds
+        while self.clock() < deadline:
+            await self._poll(consumer, timeout_ms=int(max(0.01, deadline - self.clock()) * 1000))
+            self.state.last_turn = self.clock()
 
     def _set_paused(self, consumer: AIOKafkaConsumer, reason: str | None) -> None:
         if self.state.paused_reason is not None:

@@ -3,7 +3,9 @@ dead-lettered; only Postgres data errors (isolated row by row in ``ingest.writer
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 
@@ -29,3 +31,37 @@ def component_of(exc: BaseException) -> str:
     if module.startswith("aiokafka") or module.startswith("kafka"):
         return "kafka"
     return "postgres" if isinstance(exc, OSError | TimeoutError) else "internal"
+
+
+async def until_done(action: Callable[[], Awaitable[object]], *, stop: asyncio.Event, backoff: Backoff,
+                     wait: Callable[[float], Awaitable[object]], fatal: tuple[type[BaseException], ...],
+                     on_failure: Callable[[BaseException, int, float], object],
+                     on_recovered: Callable[[], object], failed: BaseException | None = None) -> bool:
+    """Run ``action`` until it succeeds (True), or until ``stop`` is set after a failed attempt (False).
+
+    Each failure calls ``on_failure(exc, attempt, delay)`` (attempt 0-based), then ``wait(delay)``; the caller's
+    ``wait`` must keep the process alive (a consumer keeps polling). Exceptions in ``fatal`` are not retried:
+    they propagate. After one or more failures, success or a fatal exception first calls ``on_recovered()``.
+    ``failed``: the first attempt already failed with this exception."""
+    attempt = 0
+    while True:
+        try:
+            if failed is not None:
+                exc, failed = failed, None
+                raise exc
+            await action()
+        except fatal:
+            if attempt:
+                on_recovered()
+            raise
+        except Exception as exc:
+            delay = backoff.delay(attempt)
+            on_failure(exc, attempt, delay)
+            attempt += 1
+            await wait(delay)
+            if stop.is_set():
+                return False
+            continue
+        if attempt:
+            on_recovered()
+        return True

@@ -45,7 +45,7 @@ async def test_fenced_retry_lifts_the_pause() -> None:
     staged = Staged([SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(10, 15)], prepared, [], 0)
 
     task: asyncio.Task[None] = asyncio.create_task(sc._write(kafka, staged, {0: 1}))  # type: ignore[arg-type]
-    await sc._settle(kafka, asyncio.Event(), task, staged, {0: 1})  # type: ignore[arg-type]
+    await sc._finish_write(kafka, asyncio.Event(), task, staged, {0: 1})  # type: ignore[arg-type]
 
     assert pipeline.calls == 2
     assert metrics.registry.get_sample_value("ingest_fenced_batches_total", {"stream": "webhook"}) == 1

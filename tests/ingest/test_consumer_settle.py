@@ -59,7 +59,7 @@ async def test_failed_write_invalidates_batches_staged_after_it(error: BaseExcep
     stop = asyncio.Event()
     stop.set()  # the operator stops while batch N is failing: it is abandoned after one retry round
     failed: asyncio.Task[None] = asyncio.create_task(sc._write(kafka, first, epochs))  # type: ignore[arg-type]
-    await sc._settle(kafka, stop, failed, first, epochs)  # type: ignore[arg-type]
+    await sc._finish_write(kafka, stop, failed, first, epochs)  # type: ignore[arg-type]
 
     # Batch N+1 was staged while N was in flight: it must not be written from position 10.
     pipeline.error = None

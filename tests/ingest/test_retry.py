@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from typing import Any
 
 import aiokafka.errors
 import asyncpg
 import pytest
 import redis.exceptions
 
-from ingest.retry import Backoff, component_of
+from ingest.retry import Backoff, component_of, until_done
 
 
 def test_delay_bounds_double_per_attempt_up_to_the_maximum(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,3 +52,66 @@ def test_delays_are_jittered_within_the_bounds() -> None:
 ], ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v)
 def test_component_of(exc: BaseException, component: str) -> None:
     assert component_of(exc) == component
+
+
+# -- until_done: the retry loop ---------------------------------------------------------------------------------
+
+class Script:
+    """An action that fails with the given exceptions in turn, then succeeds; records every callback."""
+
+    def __init__(self, *failures: BaseException) -> None:
+        self.failures = list(failures)
+        self.events: list[str] = []
+
+    async def action(self) -> None:
+        self.events.append("try")
+        if self.failures:
+            raise self.failures.pop(0)
+
+    async def wait(self, delay: float) -> None:
+        self.events.append(f"wait {delay}")
+
+    def kw(self, stop: asyncio.Event | None = None) -> dict[str, Any]:
+        return dict(stop=stop or asyncio.Event(), backoff=Backoff(initial=1.0, maximum=1.0), wait=self.wait,
+                    fatal=(KeyError,), on_failure=lambda e, n, d: self.events.append(f"failed {n} {type(e).__name__}"),
+                    on_recovered=lambda: self.events.append("recovered"))
+
+
+async def test_until_done_retries_each_failure_and_reports_recovery_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(random, "uniform", lambda a, b: b)
+    s = Script(OSError(), TimeoutError())
+    assert await until_done(s.action, **s.kw()) is True
+    assert s.events == ["try", "failed 0 OSError", "wait 1.0", "try", "failed 1 TimeoutError", "wait 1.0", "try",
+                        "recovered"]
+
+
+async def test_until_done_without_failure_reports_nothing() -> None:
+    s = Script()
+    assert await until_done(s.action, **s.kw()) is True
+    assert s.events == ["try"]
+
+
+async def test_until_done_gives_up_when_stopped_after_a_failure() -> None:
+    stop = asyncio.Event()
+    stop.set()
+    s = Script(OSError(), OSError())
+    assert await until_done(s.action, **s.kw(stop)) is False
+    assert s.events.count("try") == 1 and "recovered" not in s.events
+
+
+async def test_until_done_lets_fatal_errors_through_after_reporting_recovery() -> None:
+    s = Script(OSError(), KeyError("fenced"))
+    with pytest.raises(KeyError):
+        await until_done(s.action, **s.kw())
+    assert s.events[-2:] == ["try", "recovered"]
+    s = Script(KeyError("fenced"))
+    with pytest.raises(KeyError):
+        await until_done(s.action, **s.kw())
+    assert s.events == ["try"], "no failure before it: nothing to recover from"
+
+
+async def test_until_done_starts_with_a_failure_already_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(random, "uniform", lambda a, b: b)
+    s = Script()
+    assert await until_done(s.action, failed=ConnectionError(), **s.kw()) is True
+    assert s.events[:2] == ["failed 0 ConnectionError", "wait 1.0"] and s.events[-2:] == ["try", "recovered"]
