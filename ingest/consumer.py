@@ -407,7 +407,7 @@ class StreamConsumer:
             if not live:
                 return
             if len(live) != len(staged.records):
-                staged = self.pipeline.restage(live)
+                staged = self.pipeline.stage_subset(live)
             expected = self.parts.expected(staged.prepared.advance)
             async with self.pool.acquire() as conn:
                 outcome = await self.pipeline.commit(conn, staged, expected)

@@ -111,7 +111,7 @@ class Staged:
     records: Sequence[Record]
     prepared: Prepared
     candidates: list[Candidate]
-    hinted: int
+    hint_duplicates: int  # candidates Redis already knew as stored: counted as duplicates, never written
     digests: dict[Key, bytes] = field(default_factory=dict)  # Redis hint digest of each key, hashed once
 
 
@@ -156,7 +156,7 @@ class Pipeline:
             candidates = [c for c, s in zip(candidates, seen, strict=True) if not s]
         return Staged(records, prepared, candidates, len(prepared.candidates) - len(candidates), digests)
 
-    def restage(self, records: Sequence[Record]) -> Staged:
+    def stage_subset(self, records: Sequence[Record]) -> Staged:
         """``stage`` for a subset of an already staged batch (no breaker, no Redis: Postgres decides)."""
         prepared = prepare(self.stream, records, self.contract, self.limits, datetime.now(UTC))
         return Staged(records, prepared, prepared.candidates, 0)
@@ -177,7 +177,7 @@ class Pipeline:
             self._remembering = asyncio.create_task(self.hints.remember(digests))
         outcome = Outcome(
             stored=len(result.stored),
-            duplicates=prepared.in_batch_duplicates + staged.hinted + len(result.duplicates),
+            duplicates=prepared.in_batch_duplicates + staged.hint_duplicates + len(result.duplicates),
             rejected=len(prepared.dead_letters) + len(result.refused),
             quota_exceeded=len(result.over_quota),
             write_seconds=elapsed,
@@ -256,7 +256,7 @@ class Pipeline:
         rejected: Counter[str | None] = Counter(d.tenant_id for d in prepared.dead_letters)
         rejected.update(refused)
         duplicates: Counter[str | None] = Counter(c.key[0] for c in result.duplicates)
-        if staged.hinted:  # Redis-hinted duplicates never reached the writer
+        if staged.hint_duplicates:  # Redis-hinted duplicates never reached the writer
             kept = {id(c) for c in staged.candidates}
             duplicates.update(c.key[0] for c in prepared.candidates if id(c) not in kept)
         if prepared.in_batch_duplicates:

@@ -29,7 +29,7 @@ class FakePipeline:
         self.commits.append(expected)
         raise AssertionError("a later batch was written past unwritten records")
 
-    def restage(self, records: Any) -> Staged:
+    def stage_subset(self, records: Any) -> Staged:
         return staged(list(records))
 
 

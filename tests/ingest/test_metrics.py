@@ -135,7 +135,7 @@ def test_pipeline_attributes_every_outcome_to_a_tenant() -> None:
     # b was a Redis-hinted duplicate, so it never reached the writer.
     result = WriteResult(stored=[a], duplicates=[c], over_quota=[d], refused=[refused])
     outcome = Outcome(stored=1, duplicates=2 + 1 + 1, rejected=2 + 1, quota_exceeded=1, write_seconds=0.01)
-    staged = Staged([], prepared, [a, c, d, e], hinted=1)
+    staged = Staged([], prepared, [a, c, d, e], hint_duplicates=1)
     pipeline._observe(staged, result, outcome)
     got = series(m)
     assert {k: v for k, v in got.items() if v} == {

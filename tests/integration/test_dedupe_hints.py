@@ -28,7 +28,7 @@ async def test_redelivered_batch_is_hinted_by_redis_and_hints_expire(config: Con
         async with rt.pool.acquire() as conn:
             start = await offsets.load(conn, consumer.offsets_table, consumer.group, consumer.topic, [0])
             first = await pipeline.stage(records(events, 0))
-            assert first.hinted == 0
+            assert first.hint_duplicates == 0
             assert pipeline.hints is not None
             hint_keys = [pipeline.hints.redis_key(k) for k in first.digests]
             assert len(hint_keys) == len(events)
@@ -42,7 +42,7 @@ async def test_redelivered_batch_is_hinted_by_redis_and_hints_expire(config: Con
 
             # The same events again (a replay at later offsets): Redis alone drops them, before any Postgres work.
             again = await pipeline.stage(records(events[:120], len(events)))
-            assert again.hinted == 120
+            assert again.hint_duplicates == 120
             assert again.candidates == []
             outcome = await pipeline.commit(conn, again, {0: len(events)})
             assert (outcome.stored, outcome.duplicates) == (0, 120)
@@ -51,7 +51,7 @@ async def test_redelivered_batch_is_hinted_by_redis_and_hints_expire(config: Con
             fresh = [{**e, "idempotency_key": f"fresh-{i}"}
                      for i, e in enumerate(sample.generate("webhook", 50, n_tenants=3, dup_rate=0.0, seed=99))]
             mixed = await pipeline.stage(records(events[:10] + fresh, len(events) + 120))
-            assert mixed.hinted == 10
+            assert mixed.hint_duplicates == 10
             assert {c.key for c in mixed.candidates} == {(e["tenant_id"], e["idempotency_key"]) for e in fresh}
         await redis.aclose()
     finally:
