@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 from redis.asyncio import Redis
 
-from consumers import quotas, status, streams
+from consumers import quotas, streams
 from consumers.streams import Stream
 from ingest import migrate, partitions
 from ingest import roles as pg_roles
@@ -87,7 +87,7 @@ async def ensure_partitions(conn: Conn, config: Config) -> list[str]:
     try:
         today = datetime.now(UTC).date()
         created = []
-        for p in status.policies(config, list(streams.STREAMS.values())):
+        for p in streams.policies(config, list(streams.STREAMS.values())):
             created += await partitions.ensure(
                 conn, p.table, first=today - p.retention, last=today + p.premake, granularity=p.granularity,
                 lock_timeout_ms=config.partitions.lock_timeout_ms)
@@ -101,7 +101,7 @@ def maintenance(config: Config, rt: Runtime, pool: asyncpg.Pool | None = None) -
     (connected with ``maintenance_url``: the owner) or else the runtime's pool."""
     cfg = config.partitions
     return Maintenance(
-        pool or rt.pool, status.policies(config, list(streams.STREAMS.values())),
+        pool or rt.pool, streams.policies(config, list(streams.STREAMS.values())),
         lock_timeout_ms=cfg.lock_timeout_ms, interval=cfg.maintenance_interval.total_seconds(),
         archive=cfg.retention_action == "archive", export_dir=cfg.export_dir or None,
         metrics=rt.metrics, ledger=ledger_policy(config))

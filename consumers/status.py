@@ -25,9 +25,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from redis.asyncio import Redis
 
+from consumers import streams
 from consumers.streams import Stream
 from ingest import kafka_options, partitions
-from ingest.config import Config, PartitionConfig, partitions_for
+from ingest.config import Config, PartitionConfig
 from ingest.maintenance import TablePolicy
 from ingest.offsets import UNSET
 from ingest.redaction import redact, redact_text
@@ -36,19 +37,6 @@ from ingest.sql import ident
 
 QUERY_TIMEOUT_MS = 5000
 TOP_N = 5
-
-
-def policies(config: Config, streams: Sequence[Stream],
-             per_stream: Mapping[str, PartitionConfig] | None = None) -> list[TablePolicy]:
-    """Partitioning policy of each stream's table. Retention is ``max(retention, accepted age)`` and premake
-    ``max(premake, accepted ahead)``, so that every event the validator accepts has a partition (otherwise a
-    valid row would land in DEFAULT)."""
-    out = []
-    for s in streams:
-        cfg = (per_stream or {}).get(s.name) or partitions_for(config, s.name)
-        out.append(TablePolicy(s.table, cfg.granularity, max(cfg.retention, config.window.max_age),
-                               max(cfg.premake, config.window.max_ahead)))
-    return out
 
 
 # -- Kafka ----------------------------------------------------------------------------------------------------
@@ -402,7 +390,7 @@ async def snapshot(config: Config, selected: Sequence[Stream], *,
     ``services.*.tls`` says whether that connection is encrypted (Postgres: as the server sees it); ``where`` and
     ``error`` never contain a password."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
-    pols = policies(config, selected, per_stream)
+    pols = streams.policies(config, selected, per_stream)
     pg, redis_, kafka = await asyncio.gather(
         _postgres_part(config, selected, pols, now), _redis_part(config), _kafka_part(config, selected),
         return_exceptions=True)

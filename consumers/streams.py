@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
 
-from ingest.config import Config
+from ingest.config import Config, PartitionConfig, partitions_for
 from ingest.contract import Contract
+from ingest.maintenance import TablePolicy
 from ingest.quota.overrides import OverrideTables
 from ingest.writer import Tables
 
@@ -68,6 +70,19 @@ def select(name: str) -> list[Stream]:
     if name not in STREAMS:
         raise ValueError(f"unknown stream {name!r}; choose {', '.join(CHOICES[:-1])} or {ALL}")
     return [STREAMS[name]]
+
+
+def policies(config: Config, streams: Sequence[Stream],
+             per_stream: Mapping[str, PartitionConfig] | None = None) -> list[TablePolicy]:
+    """Partitioning policy of each stream's table. Retention is ``max(retention, accepted age)`` and premake
+    ``max(premake, accepted ahead)``, so that every event the validator accepts has a partition (otherwise a
+    valid row would land in DEFAULT)."""
+    out = []
+    for s in streams:
+        cfg = (per_stream or {}).get(s.name) or partitions_for(config, s.name)
+        out.append(TablePolicy(s.table, cfg.granularity, max(cfg.retention, config.window.max_age),
+                               max(cfg.premake, config.window.max_ahead)))
+    return out
 
 
 @cache

@@ -124,7 +124,7 @@ def _when(iso: str | None) -> str:
 
 async def _partitions_list(args: argparse.Namespace, config: Config) -> int:
     selected = streams.select(args.stream)
-    pols = status.policies(config, selected)
+    pols = streams.policies(config, selected)
     conn = await status.connect_postgres(maintenance_url(config))
     now = datetime.now(UTC)
     try:
@@ -158,7 +158,7 @@ async def _partitions_list(args: argparse.Namespace, config: Config) -> int:
 
 def _maintenance(config: Config, pool: asyncpg.Pool, selected: list[streams.Stream], *, archive: bool = False,
                  export_dir: str | None = None) -> Maintenance:
-    return Maintenance(pool, status.policies(config, selected), lock_timeout_ms=config.partitions.lock_timeout_ms,
+    return Maintenance(pool, streams.policies(config, selected), lock_timeout_ms=config.partitions.lock_timeout_ms,
                        archive=archive, export_dir=export_dir, ledger=run.ledger_policy(config))
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from consumers import settings as env_settings
 from consumers import status
-from consumers.streams import STREAMS
+from consumers.streams import STREAMS, policies
 from ingest.maintenance import Maintenance, TablePolicy
 from ingest.partitions import (
     GRANULARITIES,
@@ -201,7 +201,7 @@ def test_default_settings_give_every_accepted_event_a_partition() -> None:
                 {"INGEST_PARTITION_PREMAKE_DAYS": "1", "INGEST_ACCEPT_MAX_AHEAD_SECONDS": str(3 * 86400)}):
         cfg = env_settings.from_env(env)
         now = t("2024-02-29T23:59:59")
-        for pol in status.policies(cfg, list(STREAMS.values())):
+        for pol in policies(cfg, list(STREAMS.values())):
             first, last = coverage(now, pol.retention, pol.premake)
             have = parts(plan([], first, last, pol.granularity))
             for instant in (now - cfg.window.max_age, now + cfg.window.max_ahead):

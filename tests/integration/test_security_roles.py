@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from consumers import quotas, run, status, streams
+from consumers import quotas, run, streams
 from ingest import partitions, roles
 from ingest.config import Config
 from ingest.maintenance import Maintenance
@@ -338,7 +338,7 @@ async def test_writer_cannot_ddl_read_events_or_drop_partitions(secured: Secured
     before = await partitions.existing(db, "webhook_events")
     pool = await create_pool(secured.url(r.writer), max_size=1)
     try:
-        m = Maintenance(pool, status.policies(secured.config, [streams.WEBHOOK]),
+        m = Maintenance(pool, streams.policies(secured.config, [streams.WEBHOOK]),
                         clock=lambda: NOW + timedelta(days=5))
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await m.run_once()
@@ -361,7 +361,7 @@ async def test_maintenance_as_owner_keeps_ownership_and_privileges_of_new_partit
         await copy_rows(writer, "webhook", [row("webhook", "acme", "today", NOW)])
         # Five days on: partitions ahead are created, those past retention (3 days) archived.
         later = NOW + timedelta(days=5)
-        m = Maintenance(owner, status.policies(secured.config, list(streams.STREAMS.values())),
+        m = Maintenance(owner, streams.policies(secured.config, list(streams.STREAMS.values())),
                         clock=lambda: later, archive=True)
         report = await m.run_once()
         assert report.errors == [] and report.created and report.archived
