@@ -1,6 +1,6 @@
 """CPU of the validation stage (``ingest.pipeline.prepare``) per record at two hostile-record rates.
 
-The same 40,000 bench events (``consumers.bench._values``) at ``--invalid-rate`` A and B, prepared in 5,000-record
+The same 40,000 bench events (``consumers.cli.bench._values``) at ``--invalid-rate`` A and B, prepared in 5,000-record
 batches, alternating A and B ``--rounds`` times in one process; prints the minimum CPU time per record of each.
 No services needed.
 
@@ -14,7 +14,7 @@ import time
 from datetime import UTC, datetime
 
 from consumers import settings, streams
-from consumers.bench import BenchOptions, _values
+from consumers.cli.bench import BenchOptions, _values
 from ingest.pipeline import prepare
 from ingest.rows import SimpleRecord
 

@@ -20,7 +20,8 @@ import uuid
 
 import asyncpg
 
-from consumers import run, sample, settings, streams
+from consumers import run, settings, streams
+from consumers.cli import sample
 from ingest import broker
 from ingest.publisher import Publisher
 from ingest.services import with_database

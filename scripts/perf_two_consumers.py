@@ -1,7 +1,7 @@
 """1 vs N ``ingest consume`` processes on one stream, measured from the offsets committed in Postgres.
 
 For each process count: a fresh database, fresh topics (12 partitions) and a fresh Redis prefix; publish the
-same N events (``consumers.bench`` generator and producer: 5% re-deliveries, 0.1% hostile records); then start
+same N events (``consumers.cli.bench`` generator and producer: 5% re-deliveries, 0.1% hostile records); then start
 the consumer processes together (``python -m consumers.cli consume --stream S --drain``, same env = same group)
 and poll ``sum(next_offset)`` in ``consumer_offsets`` every 0.25 s until every published record is behind a
 committed offset. Reports the aggregate events/s from the first commit to the last (steady) and from process
@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from consumers import run, settings, streams
-from consumers.bench import BenchOptions, _cleanup, _produce
+from consumers.cli.bench import BenchOptions, _cleanup, _produce
 from ingest.sql import ident
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -41,7 +41,8 @@ import asyncpg
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers import sample, streams
+from consumers import streams
+from consumers.cli import sample
 from ingest.broker import listening
 from ingest.config import Config
 from tests.conftest import free_port

@@ -14,7 +14,8 @@ import asyncpg
 import orjson
 from redis.asyncio import Redis
 
-from consumers import quotas, sample, streams
+from consumers import quotas, streams
+from consumers.cli import sample
 from ingest.config import Config
 from ingest.dedupe import Key, RedisHints
 from ingest.metrics import Metrics

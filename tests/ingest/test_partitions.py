@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumers import settings as env_settings
-from consumers import status
+from consumers.cli import status
 from consumers.streams import STREAMS, policies
 from ingest.maintenance import Maintenance, TablePolicy
 from ingest.partitions import (

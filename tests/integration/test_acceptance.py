@@ -17,7 +17,7 @@ import sys
 import asyncpg
 from redis.asyncio import Redis
 
-from consumers import sample
+from consumers.cli import sample
 from ingest.config import Config
 from tests.integration.helpers import (
     kill9,

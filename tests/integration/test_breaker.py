@@ -9,7 +9,7 @@ import sys
 
 import asyncpg
 
-from consumers import sample
+from consumers.cli import sample
 from ingest.config import Config
 from tests.integration.helpers import dumps, offsets_total, publish, publish_raw
 

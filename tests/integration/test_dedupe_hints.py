@@ -6,7 +6,8 @@ import time
 
 from redis.asyncio import Redis
 
-from consumers import run, sample, streams
+from consumers import run, streams
+from consumers.cli import sample
 from ingest import offsets
 from ingest.config import Config
 from ingest.rows import SimpleRecord

@@ -21,9 +21,8 @@ import asyncpg
 import orjson
 import pytest
 
-from consumers import sample
-from consumers.cli import build_parser
-from consumers.commands import dlq as dlq_cmd
+from consumers.cli import build_parser, sample
+from consumers.cli.commands import dlq as dlq_cmd
 from ingest import dlq
 from ingest.config import Config
 from ingest.contract import TimeWindow

@@ -6,7 +6,7 @@ import random
 
 import asyncpg
 
-from consumers import sample
+from consumers.cli import sample
 from ingest.config import Config
 from tests.integration.helpers import (
     drain,

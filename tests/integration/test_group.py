@@ -6,7 +6,8 @@ import asyncio
 
 import asyncpg
 
-from consumers import run, sample, streams
+from consumers import run, streams
+from consumers.cli import sample
 from ingest.config import Config
 from ingest.consumer import consumer_partitions
 from tests.integration.helpers import drain, offsets_total, publish, stored_keys, unique_keys

@@ -25,7 +25,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from consumers import sample, settings, streams
+from consumers import settings, streams
+from consumers.cli import sample
 from ingest import kafka_options
 from ingest.codec import NulPolicy
 from ingest.config import Config

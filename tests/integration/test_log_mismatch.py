@@ -19,7 +19,8 @@ from typing import Any
 
 import asyncpg
 
-from consumers import run, sample, status, streams
+from consumers import run, streams
+from consumers.cli import sample, status
 from ingest import broker as broker_mod
 from ingest import offsets
 from ingest.config import Config

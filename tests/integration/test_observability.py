@@ -15,7 +15,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from consumers import run, sample, settings, streams
+from consumers import run, settings, streams
+from consumers.cli import sample
 from ingest.config import Config
 from tests.conftest import free_port
 from tests.integration.helpers import publish, start_redis, stop_redis

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from consumers import sample, status, streams
+from consumers import streams
+from consumers.cli import sample, status
 from ingest import offsets
 from ingest.config import Config
 from tests.conftest import stop_process

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from consumers import run, sample, settings, streams
+from consumers import run, settings, streams
+from consumers.cli import sample
 from ingest.config import Config
 from ingest.metrics import Metrics
 from tests.integration.conftest import PG_ADMIN

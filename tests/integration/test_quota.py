@@ -19,7 +19,8 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from consumers import quotas, sample, streams
+from consumers import quotas, streams
+from consumers.cli import sample
 from ingest.config import Config
 from ingest.metrics import Metrics
 from ingest.quota.gcra import SCRIPT, LocalLimiter, parse_state, script_args, state_ttl_ms

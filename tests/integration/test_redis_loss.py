@@ -7,7 +7,8 @@ import asyncio
 import asyncpg
 from redis.asyncio import Redis
 
-from consumers import run, sample, streams
+from consumers import run, streams
+from consumers.cli import sample
 from ingest.config import Config
 from tests.integration.helpers import (
     drain,

@@ -8,7 +8,8 @@ import dataclasses
 import asyncpg
 import pytest
 
-from consumers import run, sample, streams
+from consumers import run, streams
+from consumers.cli import sample
 from ingest.config import Config
 from ingest.services import ServiceUnavailable
 from tests.integration.helpers import offsets_total, publish

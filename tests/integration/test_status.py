@@ -12,8 +12,8 @@ import asyncpg
 import orjson
 import pytest
 
-from consumers import sample, status, streams
-from consumers.cli import build_parser
+from consumers import streams
+from consumers.cli import build_parser, sample, status
 from ingest.config import Config
 from tests.conftest import free_port
 from tests.integration.helpers import drain, publish, publish_raw

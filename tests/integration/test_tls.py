@@ -32,7 +32,8 @@ import pytest
 from prometheus_client import generate_latest
 from redis.exceptions import NoPermissionError
 
-from consumers import run, sample, settings, status, streams
+from consumers import run, settings, streams
+from consumers.cli import sample, status
 from ingest import broker as broker_mod
 from ingest.broker import delete_topics, ensure_topics, listening
 from ingest.metrics import Metrics

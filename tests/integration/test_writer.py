@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from consumers import sample, streams
+from consumers import streams
+from consumers.cli import sample
 from consumers.settings import from_env
 from ingest import offsets
 from ingest.config import Config

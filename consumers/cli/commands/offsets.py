@@ -17,7 +17,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from consumers import status, streams
+import consumers.cli.status as status
+from consumers import streams
 from ingest import offsets
 from ingest.config import Config
 from ingest.redaction import redact

@@ -1,4 +1,4 @@
-"""consumers.sample.generate: deterministic, contract-valid, and the requested share of re-deliveries."""
+"""consumers.cli.sample.generate: deterministic, contract-valid, and the requested share of re-deliveries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from consumers.sample import generate
+from consumers.cli.sample import generate
 from consumers.settings import from_env
 from consumers.streams import AUDIT, WEBHOOK, Stream, load_schema
 from ingest.codec import decode

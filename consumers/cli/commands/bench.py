@@ -28,7 +28,8 @@ def register(sub: Any) -> None:
 
 
 async def _bench(args: argparse.Namespace, config: Config) -> int:
-    from consumers.bench import BenchOptions, bench, table  # heavy (multiprocessing, producer): only when run
+    # heavy (multiprocessing, producer): only when run
+    from consumers.cli.bench import BenchOptions, bench, table
 
     opts = BenchOptions(events=args.events, tenants=args.tenants, dup_rate=args.dup_rate,
                         invalid_rate=args.invalid_rate, stream=args.stream, partitions=args.partitions,

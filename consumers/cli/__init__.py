@@ -1,6 +1,6 @@
 """``ingest`` command line. Every command reads its settings from the environment (see README).
 
-Commands live in ``consumers.commands.*``; each module's ``register`` adds its sub-parsers and sets ``handler``
+Commands live in ``consumers.cli.commands.*``; each module's ``register`` adds its sub-parsers and sets ``handler``
 to an ``async def handler(args, config) -> int``.
 """
 
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from consumers import settings
-from consumers.commands import COMMAND_MODULES
+from consumers.cli.commands import COMMAND_MODULES
 from ingest import logs
 from ingest.services import ServiceUnavailable
 
@@ -48,6 +48,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

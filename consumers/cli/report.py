@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from consumers import run, sample, streams
+import consumers.cli.sample as sample
+from consumers import run, streams
 from ingest.config import Config
 from ingest.publisher import Publisher
 from ingest.services import create_pool

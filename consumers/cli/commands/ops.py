@@ -13,7 +13,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from consumers import run, status, streams
+import consumers.cli.status as status
+from consumers import run, streams
 from ingest import partitions
 from ingest.config import Config, maintenance_url
 from ingest.maintenance import Maintenance, Report

@@ -17,7 +17,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from consumers import report, run, settings, streams
+import consumers.cli.report as report
+from consumers import run, settings, streams
 from ingest import broker
 from ingest import roles as pg_roles
 from ingest.codec import decode

@@ -26,8 +26,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from tqdm import tqdm
 
-from consumers import run, sample, streams
-from consumers.report import HOSTILE
+import consumers.cli.sample as sample
+from consumers import run, streams
+from consumers.cli.report import HOSTILE
 from ingest import kafka_options
 from ingest.broker import delete_topics
 from ingest.config import Config
