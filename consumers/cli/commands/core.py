@@ -97,9 +97,9 @@ async def _migrate(args: argparse.Namespace, config: Config) -> int:
     except pg_roles.RoleError as exc:
         print(f"ingest: migrate: {exc}", file=sys.stderr)
         return 2
-    report = pg_roles.Report()
+    changes = pg_roles.Report()
     try:
-        applied = await run.run_migrations(config, roles, passwords, report)
+        applied = await run.run_migrations(config, roles, passwords, changes)
     except pg_roles.RoleError as exc:
         print(f"ingest: migrate: {exc}", file=sys.stderr)
         return 2
@@ -109,9 +109,9 @@ async def _migrate(args: argparse.Namespace, config: Config) -> int:
         return 1
     print(f"migrations applied: {applied or 'none (up to date)'}; partitions ensured")
     print(f"roles: owner {roles.owner}, writer {roles.writer}, reader {roles.reader}; "
-          f"created: {', '.join(report.created) or 'none'}; altered: {', '.join(report.altered) or 'none'}; "
-          f"passwords set: {', '.join(report.passwords) or 'none'}; "
-          f"objects handed to the owner: {len(report.handed_over)}; privileges granted")
+          f"created: {', '.join(changes.created) or 'none'}; altered: {', '.join(changes.altered) or 'none'}; "
+          f"passwords set: {', '.join(changes.passwords) or 'none'}; "
+          f"objects handed to the owner: {len(changes.handed_over)}; privileges granted")
     return 0
 
 
