@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 async def run_migrations(config: Config, roles: pg_roles.Roles | None = None,
                          passwords: Mapping[str, str] | None = None,
-                         report: pg_roles.Report | None = None) -> list[int]:
+                         report: pg_roles.RoleChanges | None = None) -> list[int]:
     """Create the database if needed, apply migrations, create partitions; return versions applied now.
 
     Connects with the maintenance (owner) URL. With ``roles`` (``ingest migrate --roles``): create or converge
@@ -71,10 +71,10 @@ async def run_migrations(config: Config, roles: pg_roles.Roles | None = None,
         await pool.close()
 
 
-def role_tables() -> pg_roles.Tables:
+def role_tables() -> pg_roles.GrantTables:
     """The tables the writer and reader roles are granted on: every stream's, and the quota overrides."""
     shared = streams.shared_tables()
-    return pg_roles.Tables(events=tuple(s.table for s in streams.STREAMS.values()),
+    return pg_roles.GrantTables(events=tuple(s.table for s in streams.STREAMS.values()),
                            dead_letters=shared.dead_letters, ledger=shared.ledger, offsets=shared.offsets,
                            offset_changes=shared.offset_changes,
                            quota=tuple(streams.QUOTA_TABLES))

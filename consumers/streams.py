@@ -13,7 +13,7 @@ from ingest.config import Config, PartitionConfig, partitions_for
 from ingest.contract import Contract
 from ingest.maintenance import TablePolicy
 from ingest.quota.overrides import OverrideTables
-from ingest.writer import Tables
+from ingest.writer import StreamTables
 
 META_COLUMNS = ("kafka_timestamp", "source_partition", "source_offset")
 
@@ -37,8 +37,8 @@ class Stream:
     def contract(self, config: Config) -> Contract:
         return Contract(load_schema(self.schema_file), self.columns, config.window)
 
-    def tables(self) -> Tables:
-        return Tables(events=self.table, columns=(*self.columns, *META_COLUMNS))
+    def tables(self) -> StreamTables:
+        return StreamTables(events=self.table, columns=(*self.columns, *META_COLUMNS))
 
 
 WEBHOOK = Stream("webhook", "events.webhook", "webhook_events", "webhook.v1.json",
@@ -51,8 +51,8 @@ CHOICES: tuple[str, ...] = (*STREAMS, ALL)
 """What a ``--stream`` option that may name every stream accepts (``select`` resolves it)."""
 
 
-def shared_tables() -> Tables:
-    """For code that reads across streams: a ``Tables`` whose ``dead_letters``, ``ledger``, ``offsets`` and
+def shared_tables() -> StreamTables:
+    """For code that reads across streams: a ``StreamTables`` whose ``dead_letters``, ``ledger``, ``offsets`` and
     ``offset_changes`` are every stream's (checked here). Its ``events`` are the first stream's: take event tables
     from each stream."""
     tables = [s.tables() for s in STREAMS.values()]

@@ -64,7 +64,7 @@ class Totals:
 
 
 @dataclass(slots=True)
-class State:
+class ConsumerHealth:
     """What health checks read: assigned partitions, last loop turn, pause reasons."""
 
     assigned: set[int] = field(default_factory=set)
@@ -110,7 +110,7 @@ class StreamConsumer:
         self.changes_table = changes_table
         self.clock = clock
         self.totals = Totals()
-        self.state = State()
+        self.state = ConsumerHealth()
         self.parts = Partitions()
         # Series that alerts take increase() of exist from the start at 0, so that their first event counts.
         for kind in offsets.Kind:

@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
-from ingest.consumer import State
+from ingest.consumer import ConsumerHealth
 from ingest.metrics import Metrics
 from ingest.redaction import redact_text
 
@@ -45,7 +45,7 @@ class Watched(Protocol):
     """What the server reads of a stream consumer (``ingest.consumer.StreamConsumer`` satisfies it)."""
 
     stream: str
-    state: State
+    state: ConsumerHealth
     consumer: Any
 
 

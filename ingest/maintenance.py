@@ -9,7 +9,7 @@ Rules kept here:
   ``<= midnight(now - retention)``. Partition names and export file names derive only from computed dates.
 - Export (optional) streams ``COPY (SELECT * FROM part) TO STDOUT`` (CSV with header) into
   ``<export_dir>/<table>_pYYYYMMDD.csv.gz`` before the partition is detached; a failed export keeps it.
-- Rows in the DEFAULT partition are counted every round (``Report.default_rows``, and the gauge with
+- Rows in the DEFAULT partition are counted every round (``MaintenanceReport.default_rows``, and the gauge with
   ``metrics``).
 - The dedupe ledger (optional ``ledger``) loses keys older than its window, in chunks of ``chunk`` rows per
   transaction and at most ``budget_s`` seconds per round (the next round goes on). A key past the window already
@@ -66,7 +66,7 @@ class LedgerPolicy(NamedTuple):
 
 
 @dataclass(slots=True)
-class Report:
+class MaintenanceReport:
     """What one round did (or, with ``dry_run``, would do). Names are partition table names."""
 
     created: list[str] = field(default_factory=list)
@@ -135,10 +135,10 @@ class Maintenance:
                 await asyncio.wait_for(stop.wait(), self.interval * random.uniform(0.9, 1.1))
 
     async def run_once(self, *, create: bool = True, prune: bool = True, dry_run: bool = False,
-                       wait_lock: float = 0.0) -> Report:
+                       wait_lock: float = 0.0) -> MaintenanceReport:
         """One round. ``dry_run`` only reports what would change (no lock, no DDL). ``wait_lock`` keeps trying
         the advisory lock that many seconds before skipping the round."""
-        report = Report(dry_run=dry_run)
+        report = MaintenanceReport(dry_run=dry_run)
         async with self.pool.acquire() as conn:
             if dry_run:
                 for policy in self.tables:
@@ -185,7 +185,7 @@ class Maintenance:
                 return False
             await asyncio.sleep(0.2)
 
-    async def _table(self, conn: Conn, policy: TablePolicy, report: Report, *, create: bool, prune: bool,
+    async def _table(self, conn: Conn, policy: TablePolicy, report: MaintenanceReport, *, create: bool, prune: bool,
                      dry_run: bool) -> None:
         now = self.clock().astimezone(UTC)
         table = policy.table
@@ -218,7 +218,7 @@ class Maintenance:
             if have:
                 self.metrics.ahead.labels(table).set((have[-1].end - now).total_seconds())
 
-    async def _prune_ledger(self, conn: Conn, policy: LedgerPolicy, report: Report, *, dry_run: bool) -> None:
+    async def _prune_ledger(self, conn: Conn, policy: LedgerPolicy, report: MaintenanceReport, *, dry_run: bool) -> None:
         """Delete ledger keys older than the window, ``chunk`` per transaction, for at most ``budget_s``."""
         table = ident(policy.table)
         cutoff = self.clock().astimezone(UTC) - policy.window
@@ -242,14 +242,14 @@ class Maintenance:
             if deleted < policy.chunk or time.monotonic() >= deadline:
                 return
 
-    def _lock_timeout(self, report: Report, table: str, step: str) -> None:
+    def _lock_timeout(self, report: MaintenanceReport, table: str, step: str) -> None:
         report.lock_timeouts += 1
         if self.metrics:
             self.metrics.lock_timeouts.labels(table).inc()
         log.warning("partition DDL gave up on lock_timeout; retrying next round",
                     extra={"table": table, "step": step, "lock_timeout_ms": self.lock_timeout_ms})
 
-    async def _create(self, conn: Conn, policy: TablePolicy, now: datetime, report: Report,
+    async def _create(self, conn: Conn, policy: TablePolicy, now: datetime, report: MaintenanceReport,
                       dry_run: bool) -> None:
         first, last = partitions.coverage(now, policy.retention, policy.premake)
         todo = partitions.plan(await partitions.existing(conn, policy.table), first, last, policy.granularity)
@@ -277,7 +277,7 @@ class Maintenance:
         if not dry_run:
             await partitions.ensure_default(conn, policy.table, lock_timeout_ms=self.lock_timeout_ms)
 
-    async def _prune(self, conn: Conn, policy: TablePolicy, now: datetime, report: Report, dry_run: bool) -> None:
+    async def _prune(self, conn: Conn, policy: TablePolicy, now: datetime, report: MaintenanceReport, dry_run: bool) -> None:
         for part in partitions.expired(await partitions.existing(conn, policy.table), now, policy.retention):
             name = part.relname
             export = self._export_path(policy.table, part)
@@ -343,7 +343,7 @@ class Maintenance:
             raise
         await asyncio.to_thread(os.replace, tmp, path)
 
-    def _error(self, report: Report, message: str) -> None:
+    def _error(self, report: MaintenanceReport, message: str) -> None:
         report.errors.append(message)
         log.error("partition maintenance step failed; retrying next round", extra={"detail": message[:500]})
 

@@ -67,7 +67,7 @@ class Roles:
 
 
 @dataclass(frozen=True, slots=True)
-class Tables:
+class GrantTables:
     """The tables the roles are granted on (names from configuration, never input)."""
 
     events: tuple[str, ...]
@@ -92,7 +92,7 @@ class Grant:
         return f"GRANT {self.privilege}{cols} ON TABLE {ident(self.table)} TO {ident(self.role)}"
 
 
-def grants(roles: Roles, tables: Tables) -> list[Grant]:
+def grants(roles: Roles, tables: GrantTables) -> list[Grant]:
     """Everything the writer and the reader may do; the owner owns the objects and needs no grant.
 
     The writer's list mirrors the hot path's statements (``offsets``, ``dedupe``, ``writer``, the quota
@@ -113,7 +113,7 @@ def grants(roles: Roles, tables: Tables) -> list[Grant]:
 
 
 @dataclass(slots=True)
-class Report:
+class RoleChanges:
     """What ``ensure_roles`` and ``hand_over`` changed (names of roles and objects)."""
 
     created: list[str] = field(default_factory=list)
@@ -170,12 +170,12 @@ def _quote_one(name: str) -> str:
 
 
 async def ensure_roles(conn: Conn, roles: Roles, passwords: Mapping[str, str] | None = None,
-                       report: Report | None = None) -> Report:
+                       report: RoleChanges | None = None) -> RoleChanges:
     """Create missing roles and converge their attributes (LOGIN; only the writer BYPASSRLS; nothing else);
     set the passwords given (by kind). Refuses to change a superuser, or the attributes of the role this session
     runs as. Creating a role needs CREATEROLE, and BYPASSRLS a superuser: run this as a superuser once; later
     runs with nothing to change work as the owner too."""
-    report = report or Report()
+    report = report or RoleChanges()
     passwords = passwords or {}
     me = await conn.fetchrow("SELECT session_user, current_user")
     assert me is not None
@@ -208,10 +208,10 @@ async def ensure_roles(conn: Conn, roles: Roles, passwords: Mapping[str, str] | 
 
 
 async def hand_over(conn: Conn, owner: str, schemas: Sequence[str] = SCHEMAS,
-                    report: Report | None = None) -> Report:
+                    report: RoleChanges | None = None) -> RoleChanges:
     """Make ``owner`` own the database, the schemas, and every table, view, sequence and function in them
     (objects created before the roles existed). Needs a superuser unless ``owner`` owns them already."""
-    report = report or Report()
+    report = report or RoleChanges()
     owner_q = ident(owner)
     database = str(await conn.fetchval("SELECT current_database()"))
     if await conn.fetchval("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", database) != owner:
@@ -244,7 +244,7 @@ async def hand_over(conn: Conn, owner: str, schemas: Sequence[str] = SCHEMAS,
     return report
 
 
-async def grant(conn: Conn, roles: Roles, tables: Tables, schemas: Sequence[str] = SCHEMAS) -> None:
+async def grant(conn: Conn, roles: Roles, tables: GrantTables, schemas: Sequence[str] = SCHEMAS) -> None:
     """In one transaction: revoke every privilege the writer and reader hold on objects in ``schemas``, grant
     exactly ``grants(roles, tables)``, let only them CONNECT (PUBLIC loses CONNECT and TEMP) and nobody but the
     owner CREATE in ``public``. Partitions get no grants: the writer reaches them through the parent only."""

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
-class Tables:
+class StreamTables:
     """Where a stream's data goes; names are configuration, never input."""
 
     events: str
@@ -58,7 +58,7 @@ class Writer:
     """A batch transaction left idle this long (its process died, hung or lost its network) is ended by the
     server, so it cannot hold its partitions' offset rows, and with them the next owner, for hours."""
 
-    def __init__(self, *, stream: str, group: str, topic: str, tables: Tables, window: timedelta,
+    def __init__(self, *, stream: str, group: str, topic: str, tables: StreamTables, window: timedelta,
                  quota: Quota, idle_timeout_ms: int = IDLE_TIMEOUT_MS) -> None:
         self.stream, self.group, self.topic = stream, group, topic
         self.tables, self.window, self.quota = tables, window, quota

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ingest import http
-from ingest.consumer import State
+from ingest.consumer import ConsumerHealth
 from ingest.metrics import Metrics
 from tests.fakes import FakeKafka
 
@@ -29,7 +29,7 @@ class Clock:
 @dataclass
 class FakeConsumer:
     stream: str
-    state: State = field(default_factory=State)
+    state: ConsumerHealth = field(default_factory=ConsumerHealth)
     consumer: Any = None
 
 
@@ -160,7 +160,7 @@ async def test_a_slow_probe_does_not_block_the_loop(start: Start) -> None:
 # -- /healthz ---------------------------------------------------------------------------------------------------
 async def test_healthz_ok_while_loops_turn_and_503_when_one_is_stale(start: Start) -> None:
     clock = Clock()
-    web, audit = FakeConsumer("webhook", State(assigned={0, 1}, last_turn=clock.now)), FakeConsumer("audit")
+    web, audit = FakeConsumer("webhook", ConsumerHealth(assigned={0, 1}, last_turn=clock.now)), FakeConsumer("audit")
     audit.state.last_turn = clock.now
     _, base, session = await start(consumers=[web, audit], stale_after=60, clock=clock)
 

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingest.maintenance import LOCK_KEY, LedgerPolicy, Maintenance, Report, TablePolicy
+from ingest.maintenance import LOCK_KEY, LedgerPolicy, Maintenance, MaintenanceReport, TablePolicy
 from ingest.metrics import Metrics
 from tests.fakes import Call, FakeConn, FakePool
 
@@ -126,7 +126,7 @@ async def test_a_round_creates_ahead_and_drops_past_retention() -> None:
     catalog = Catalog()
     m = maintenance(catalog)
     report = await m.run_once()
-    assert report == Report(created=CREATED, detached=EXPIRED, dropped=EXPIRED, default_rows={TABLE: 0})
+    assert report == MaintenanceReport(created=CREATED, detached=EXPIRED, dropped=EXPIRED, default_rows={TABLE: 0})
     assert sorted(catalog.parts) == [f"ev_p202403{d:02}" for d in range(7, 13)]
     assert ddl(catalog.conn) == [
         'CREATE TABLE "ev_p20240311" (LIKE "ev" INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED '
@@ -178,7 +178,7 @@ async def test_metrics_of_a_round() -> None:
 async def test_nothing_to_do_changes_nothing() -> None:
     catalog = Catalog(have=[date(2024, 3, d) for d in range(7, 13)])
     report = await maintenance(catalog).run_once()
-    assert report == Report(default_rows={TABLE: 0})
+    assert report == MaintenanceReport(default_rows={TABLE: 0})
     assert ddl(catalog.conn) == []
 
 
@@ -271,7 +271,7 @@ async def test_dry_run_reports_without_locking_or_changing_anything() -> None:
     ledger = LedgerPolicy("dedupe_keys", window=timedelta(days=30))
     m = maintenance(catalog, ledger=ledger)
     report = await m.run_once(dry_run=True)
-    assert report == Report(created=CREATED, detached=EXPIRED, dropped=EXPIRED, default_rows={TABLE: 0},
+    assert report == MaintenanceReport(created=CREATED, detached=EXPIRED, dropped=EXPIRED, default_rows={TABLE: 0},
                             ledger_pruned=42, dry_run=True)
     assert ddl(catalog.conn) == []
     assert not any("advisory" in s or "DELETE" in s for s in catalog.conn.statements())
@@ -361,7 +361,7 @@ async def test_export_writes_a_gzip_csv_before_detaching(tmp_path: Path) -> None
     assert transaction_of(catalog.conn, catalog.conn.calls.index(call))[0].sql == "SET LOCAL lock_timeout = 2000"
 
 
-def assert_kept(report: Report, catalog: Catalog, export_dir: Path) -> None:
+def assert_kept(report: MaintenanceReport, catalog: Catalog, export_dir: Path) -> None:
     assert report.detached == ["ev_p20240306"] and "ev_p20240305" in catalog.parts
     assert len(report.errors) == 1 and report.errors[0].startswith(f"export ev_p20240305 to {export_dir}")
     assert report.errors[0].endswith("; kept")

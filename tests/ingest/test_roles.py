@@ -24,7 +24,7 @@ def test_prefix_is_validated_and_names_are_derived() -> None:
 
 def test_grants_are_exactly_the_hot_path_and_quote_names() -> None:
     r = roles.Roles.from_prefix("p")
-    t = roles.Tables(events=("ev",), dead_letters="dl", ledger="lg", offsets="of", offset_changes="oc",
+    t = roles.GrantTables(events=("ev",), dead_letters="dl", ledger="lg", offsets="of", offset_changes="oc",
                     quota=("q", "qv"))
     sql = [g.sql() for g in roles.grants(r, t)]
     assert sql == [

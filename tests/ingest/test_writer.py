@@ -16,12 +16,12 @@ from ingest import offsets
 from ingest.dedupe import Key
 from ingest.reject import Reason
 from ingest.rows import DEAD_LETTER_COLUMNS, Candidate, DeadLetter, SimpleRecord
-from ingest.writer import Tables, Writer, WriteResult
+from ingest.writer import StreamTables, Writer, WriteResult
 from tests.fakes import Call, FakeConn
 
 TOPIC = "events.webhook"
 KAFKA_TIME = datetime(2026, 1, 1, tzinfo=UTC)
-TABLES = Tables(events="events_webhook", columns=("tenant_id", "idempotency_key", "payload"))
+TABLES = StreamTables(events="events_webhook", columns=("tenant_id", "idempotency_key", "payload"))
 BAD = asyncpg.exceptions.UntranslatableCharacterError("unsupported Unicode escape sequence")
 
 

@@ -209,7 +209,7 @@ async def test_migrate_roles_hands_everything_to_the_owner_grants_the_minimum_an
                                  [r.owner, r.writer, r.reader])
 
     # Rerunning changes nothing.
-    report = roles.Report()
+    report = roles.RoleChanges()
     assert await run.run_migrations(secured.admin, r, None, report) == []
     assert (report.created, report.altered, report.handed_over) == ([], [], [])
     assert await snapshot(db) == before
@@ -219,7 +219,7 @@ async def test_migrate_roles_hands_everything_to_the_owner_grants_the_minimum_an
     await db.execute(f"GRANT SELECT, DELETE ON webhook_events, dead_letters TO {ident(r.writer)}, {ident(r.reader)}")
     await db.execute(f"GRANT UPDATE (tenant_id) ON dedupe_keys TO {ident(r.writer)}")
     await db.execute("CREATE TABLE stray (a int)")  # owned by root
-    report = roles.Report()
+    report = roles.RoleChanges()
     await run.run_migrations(secured.admin, r, None, report)
     assert report.altered == [r.writer] and report.handed_over == ["table stray"]
     assert await db.fetchval("DROP TABLE stray") is None
@@ -228,7 +228,7 @@ async def test_migrate_roles_hands_everything_to_the_owner_grants_the_minimum_an
 
     # An upgrade run as the owner itself (nothing about the roles to change) works too.
     as_owner = dataclasses.replace(secured.admin, maintenance_database_url=secured.url(r.owner))
-    report = roles.Report()
+    report = roles.RoleChanges()
     await run.run_migrations(as_owner, r, None, report)
     assert (report.created, report.altered, report.handed_over) == ([], [], [])
     assert await snapshot(db) == before

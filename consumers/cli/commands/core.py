@@ -97,7 +97,7 @@ async def _migrate(args: argparse.Namespace, config: Config) -> int:
     except pg_roles.RoleError as exc:
         print(f"ingest: migrate: {exc}", file=sys.stderr)
         return 2
-    changes = pg_roles.Report()
+    changes = pg_roles.RoleChanges()
     try:
         applied = await run.run_migrations(config, roles, passwords, changes)
     except pg_roles.RoleError as exc:

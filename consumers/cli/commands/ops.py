@@ -17,7 +17,7 @@ import consumers.cli.status as status
 from consumers import run, streams
 from ingest import partitions
 from ingest.config import Config, maintenance_url
-from ingest.maintenance import Maintenance, Report
+from ingest.maintenance import Maintenance, MaintenanceReport
 from ingest.redaction import redact
 from ingest.services import ServiceUnavailable, create_pool
 from ingest.sql import ident
@@ -163,7 +163,7 @@ def _maintenance(config: Config, pool: asyncpg.Pool, selected: list[streams.Stre
                        archive=archive, export_dir=export_dir, ledger=run.ledger_policy(config))
 
 
-def _problems(report: Report) -> int:
+def _problems(report: MaintenanceReport) -> int:
     if report.skipped:
         print("ingest: another process is running partition maintenance; try again", file=sys.stderr)
     if report.lock_timeouts:
