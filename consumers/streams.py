@@ -16,6 +16,9 @@ from ingest.quota.overrides import OverrideTables
 from ingest.writer import StreamTables
 
 META_COLUMNS = ("kafka_timestamp", "source_partition", "source_offset")
+SHARED_TABLES = {"dead_letters": "dead_letters", "ledger": "dedupe_keys", "offsets": "consumer_offsets",
+                 "offset_changes": "offset_changes"}
+"""The tables every stream shares: dead letters, the dedupe ledger, stored positions and their changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +41,7 @@ class Stream:
         return Contract(load_schema(self.schema_file), self.columns, config.window)
 
     def tables(self) -> StreamTables:
-        return StreamTables(events=self.table, columns=(*self.columns, *META_COLUMNS))
+        return StreamTables(events=self.table, columns=(*self.columns, *META_COLUMNS), **SHARED_TABLES)
 
 
 WEBHOOK = Stream("webhook", "events.webhook", "webhook_events", "webhook.v1.json",

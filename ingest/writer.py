@@ -27,14 +27,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class StreamTables:
-    """Where a stream's data goes; names are configuration, never input."""
+    """Where a stream's data goes (the wiring names them; ``ingest`` knows no table name). Names are
+    configuration, never input."""
 
     events: str
     columns: tuple[str, ...]
-    dead_letters: str = "dead_letters"
-    ledger: str = "dedupe_keys"
-    offsets: str = "consumer_offsets"
-    offset_changes: str = "offset_changes"
+    dead_letters: str
+    ledger: str
+    offsets: str
+    offset_changes: str
 
 
 @dataclass(slots=True)

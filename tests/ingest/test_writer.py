@@ -21,7 +21,9 @@ from tests.fakes import Call, FakeConn
 
 TOPIC = "events.webhook"
 KAFKA_TIME = datetime(2026, 1, 1, tzinfo=UTC)
-TABLES = StreamTables(events="events_webhook", columns=("tenant_id", "idempotency_key", "payload"))
+TABLES = StreamTables(events="events_webhook", columns=("tenant_id", "idempotency_key", "payload"),
+                      dead_letters="dead_letters", ledger="dedupe_keys", offsets="consumer_offsets",
+                      offset_changes="offset_changes")
 BAD = asyncpg.exceptions.UntranslatableCharacterError("unsupported Unicode escape sequence")
 
 
