@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.streams import STREAMS
+from ingest import positions
 from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits, NulPolicy
 from ingest.config import BatchLimits, Config, DedupeConfig, KafkaSecurity, PartitionConfig, QuotaConfig
@@ -247,7 +248,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         metrics_host=get("INGEST_METRICS_HOST"),
         metrics_port=get("INGEST_METRICS_PORT", int),
         tenant_label_limit=get("INGEST_TENANT_LABEL_LIMIT", positive),
-        log_mismatch=get("INGEST_LOG_MISMATCH", choice(("reset", "stop"))),
+        log_mismatch=get("INGEST_LOG_MISMATCH", choice(positions.POLICIES)),
         session_timeout_ms=get("INGEST_SESSION_TIMEOUT_MS", positive),
         rebalance_timeout_ms=get("INGEST_REBALANCE_TIMEOUT_MS", positive),
         heartbeat_interval_ms=get("INGEST_HEARTBEAT_INTERVAL_MS", positive),

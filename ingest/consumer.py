@@ -37,6 +37,7 @@ from ingest.config import Config
 from ingest.metrics import Metrics
 from ingest.partition_state import Partitions
 from ingest.pipeline import Outcome, Pipeline, Staged
+from ingest.positions import LogMismatch, Positions
 from ingest.retry import Backoff
 from ingest.services import kafka_starting
 
@@ -73,20 +74,6 @@ class ConsumerHealth:
     paused_reason: str | None = None
 
 
-class LogMismatch(Exception):
-    """Stored positions the log no longer holds, with ``log_mismatch="stop"``; ``str()`` names the partitions
-    and the command that fixes them."""
-
-    def __init__(self, stream: str, moves: list[offsets.Move]) -> None:
-        parts = ", ".join(f"{m.partition} (stored {m.old}, log {m.bounds.start}-{m.bounds.end}: {m.kind})"
-                          for m in moves)
-        super().__init__(
-            f"{stream}: stored positions the Kafka log no longer holds: partitions {parts}; choose where to "
-            f"resume with `ingest offsets reset --stream {stream} --to-earliest "
-            f"{' '.join(f'--partition {m.partition}' for m in moves)} --execute` (or --to-latest, --to-datetime)")
-        self.moves = moves
-
-
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, owner: StreamConsumer) -> None:
         self.owner = owner
@@ -107,17 +94,12 @@ class StreamConsumer:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.stream, self.topic, self.group = config, stream, topic, group
         self.pipeline, self.pool, self.metrics, self.offsets_table = pipeline, pool, metrics, offsets_table
-        self.changes_table = changes_table
         self.clock = clock
         self.totals = Totals()
         self.state = ConsumerHealth()
         self.parts = Partitions()
-        # Series that alerts take increase() of exist from the start at 0, so that their first event counts.
-        for kind in offsets.Kind:
-            if kind is not offsets.Kind.RESET:
-                metrics.log_mismatches.labels(stream, str(kind), config.log_mismatch)
-        metrics.log_gap_records.labels(stream)
-        metrics.log_mismatch_stopped.labels(stream).set(0)
+        self.positions = Positions(stream=stream, group=group, topic=topic, offsets_table=offsets_table,
+                                   changes_table=changes_table, policy=config.log_mismatch, metrics=metrics)
         self._lock = asyncio.Lock()
         self._backoff = Backoff()
         self._kafka_commit: asyncio.Task[None] | None = None
@@ -171,20 +153,13 @@ class StreamConsumer:
             return
         async with self._lock:  # serialised with writes: never read a position a write is about to move
             bounds = await self._log_bounds(consumer, parts)
-            async with self.pool.acquire() as conn:
-                stored = await offsets.load(conn, self.offsets_table, self.group, self.topic, parts)
-                moves = offsets.mismatches(stored, bounds)
-                if moves:
-                    await self._handle_mismatches(conn, moves)
-                    stored.update({m.partition: m.new for m in moves})
-                # Nothing stored yet: store where reading starts, so that records expiring later, unread, are
-                # a detectable gap rather than a silent jump of the log start.
-                first = {p: bounds[p].start for p, at in stored.items() if at == offsets.UNSET}
-                if first:
-                    async with conn.transaction():
-                        await offsets.fence_and_advance(conn, self.offsets_table, self.group, self.topic,
-                                                        dict.fromkeys(first, offsets.UNSET), first)
-                    stored.update(first)
+            try:
+                async with self.pool.acquire() as conn:
+                    stored = await self.positions.resume_at(conn, parts, bounds)
+            except offsets.Fenced as fenced:  # another owner moved them meanwhile: read them again next turn
+                log.info("positions moved while positioning; reading them again",
+                         extra={"stream": self.stream, "partitions": list(fenced.partitions)})
+                return
             await self._seek(consumer, parts, stored, bounds)
         self._apply_pause(consumer)
         log.info("partitions positioned from postgres", extra={"stream": self.stream, "offsets": stored})
@@ -203,25 +178,6 @@ class StreamConsumer:
             end = listed.get(tp, consumer.highwater(tp))
             out[tp.partition] = offsets.LogBounds(start[tp], None if end is None else max(start[tp], end))
         return out
-
-    async def _handle_mismatches(self, conn: Any, moves: list[offsets.Move]) -> None:
-        """Count and log each mismatch; then stop (``LogMismatch``) or move the positions to the log start,
-        recording the moves (and any gap) in the same transaction. A partition moved meanwhile by someone else
-        raises ``Fenced``: it is positioned again from what Postgres holds then."""
-        for m in moves:
-            self.metrics.log_mismatches.labels(self.stream, str(m.kind), self.config.log_mismatch).inc()
-            log.error("stored position outside the kafka log", extra={
-                "stream": self.stream, "topic": self.topic, "partition": m.partition, "kind": str(m.kind),
-                "stored": m.old, "log_start": m.bounds.start, "log_end": m.bounds.end, "lost": m.skipped,
-                "action": "stop" if self.config.log_mismatch == "stop" else f"resume at {m.new}"})
-        if self.config.log_mismatch == "stop":
-            raise LogMismatch(self.stream, moves)
-        await offsets.apply_moves(conn, self.offsets_table, self.changes_table, stream=self.stream,
-                                  group=self.group, topic=self.topic, moves=moves,
-                                  detail="detected by the consumer on positioning")
-        for m in moves:
-            if m.skipped:
-                self.metrics.log_gap_records.labels(self.stream).inc(m.skipped)
 
     async def _seek(self, consumer: AIOKafkaConsumer, parts: list[int], stored: dict[int, int],
                     bounds: dict[int, offsets.LogBounds]) -> None:

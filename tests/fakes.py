@@ -65,6 +65,12 @@ class FakeKafka:
     async def seek_to_beginning(self, *tps: TopicPartition) -> None:
         self.seeks += [(tp, None) for tp in tps]
 
+    async def beginning_offsets(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
+
+    async def end_offsets(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.highwater(tp) or 0 for tp in tps}
+
     def highwater(self, tp: TopicPartition) -> int | None:
         return None
 
@@ -165,6 +171,9 @@ class FakeConn:
 
     async def fetch(self, sql: str, *args: Any) -> Any:
         return self._run(Call("fetch", sql, args))
+
+    async def executemany(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
+        self._run(Call("executemany", sql, (list(args),)))
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return self._run(Call("fetchval", sql, args))
