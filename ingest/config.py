@@ -100,7 +100,7 @@ class Config:
     metrics_host: str
     metrics_port: int
     tenant_label_limit: int
-    log_mismatch: str  # or "stop": see ingest.consumer (a stored position the log no longer holds)
+    log_mismatch: str  # "reset" or "stop": ingest.positions (a stored position the log no longer holds)
     session_timeout_ms: int
     rebalance_timeout_ms: int
     heartbeat_interval_ms: int
