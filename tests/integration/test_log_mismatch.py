@@ -55,7 +55,8 @@ def cli(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-async def test_recreated_topic_stores_every_new_event_exactly_once(config: Config, db: asyncpg.Connection) -> None:
+async def test_recreated_topic_stores_every_new_event_exactly_once(
+        config: Config, env: dict[str, str], db: asyncpg.Connection) -> None:
     old = list(sample.generate("webhook", 400, n_tenants=20, dup_rate=0, seed=21))
     await publish(config, "webhook", old)
     await drain(config, "webhook")
@@ -70,6 +71,8 @@ async def test_recreated_topic_stores_every_new_event_exactly_once(config: Confi
     report = (await status.lag_report(config, [streams.WEBHOOK]))["webhook"]
     assert report["total_lag"] == 120
     assert {r["mismatch"] for r in report["partitions"] if r["lag"]} == {"beyond_end"}
+    done = await asyncio.to_thread(cli, env, "lag", "--stream", "webhook")
+    assert done.returncode == 1 and "POSITIONS OUTSIDE THE LOG" in done.stdout, done.stdout
 
     metrics = Metrics()
     totals = await asyncio.wait_for(

@@ -207,7 +207,8 @@ def _print_plan(args: argparse.Namespace, stream: str, group: str, topic: str, p
         print(f"  {m.partition:>9} {_n(m.old):>10} {m.new:>10} {m.reread:>9} {m.skipped:>9}")
     total_re, total_skip = sum(m.reread for m in plan), sum(m.skipped for m in plan)
     if executed:
-        print(f"done: positions moved and recorded in offset_changes ({total_re} records to re-read, "
+        moved = sum(1 for m in plan if m.old != m.new)
+        print(f"done: {moved} position(s) moved and recorded in offset_changes ({total_re} records to re-read, "
               f"{total_skip} skipped); re-read records count as duplicates")
     else:
         print(f"dry run: nothing changed ({total_re} records would be re-read, {total_skip} skipped); "

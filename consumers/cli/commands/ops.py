@@ -51,7 +51,8 @@ def register(sub: Any) -> None:
     lag = sub.add_parser("lag", help="per-partition lag: end offset minus the offset stored in Postgres")
     lag.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
     lag.add_argument("--max-lag", type=int, default=DEFAULT_MAX_LAG,
-                     help=f"exit 1 when any partition lags more than this (default {DEFAULT_MAX_LAG})")
+                     help=f"exit 1 when any partition lags more than this (default {DEFAULT_MAX_LAG}) or its "
+                          "stored position lies outside the log")
     lag.add_argument("--json", action="store_true", help="print one JSON document")
     lag.set_defaults(handler=_lag)
 
@@ -230,7 +231,8 @@ async def _partitions_prune(args: argparse.Namespace, config: Config) -> int:
 async def _lag(args: argparse.Namespace, config: Config) -> int:
     report = await status.lag_report(config, streams.select(args.stream))
     worst = max((r["lag"] or 0 for s in report.values() for r in s["partitions"]), default=0)
-    ok = worst <= args.max_lag
+    outside = sum(1 for s in report.values() for r in s["partitions"] if r["mismatch"])
+    ok = worst <= args.max_lag and not outside
     if args.json:
         print(_dumps({"max_lag": args.max_lag, "ok": ok, "streams": report}))
         return 0 if ok else 1
@@ -245,7 +247,9 @@ async def _lag(args: argparse.Namespace, config: Config) -> int:
             if r["mismatch"]:
                 flag += f"  position outside the log ({r['mismatch']}): see `ingest offsets show`"
             print(f"  {r['partition']:>9} {stored:>12} {end:>12} {_n(r['lag']):>10}{flag}")
-    print(f"{'ok' if ok else 'LAGGING'}: worst partition lag {worst} (max {args.max_lag})")
+    verdict = "ok" if ok else "POSITIONS OUTSIDE THE LOG" if outside else "LAGGING"
+    print(f"{verdict}: worst partition lag {worst} (max {args.max_lag})"
+          + (f"; {outside} partition(s) with a stored position outside the log" if outside else ""))
     return 0 if ok else 1
 
 
