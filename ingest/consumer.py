@@ -244,38 +244,25 @@ class StreamConsumer:
             while ready is not None and not ready.is_set() and not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ready.wait(), 0.05)
-            while not stop.is_set():
-                self.state.last_turn = self.clock()
-                try:
+            try:
+                while not stop.is_set():
+                    self.state.last_turn = self.clock()
                     if self.parts.unpositioned() and not await self._with_retries(
                             consumer, stop, lambda: self._position(consumer)):
                         break
-                except LogMismatch as exc:
+                    records, epochs = await self._collect(consumer, stop, pending[0] if pending else None)
+                    staged = await self.pipeline.stage(records) if records else None  # overlaps the write
                     if pending is not None:
                         await self._finish_write(consumer, stop, *pending)
                         pending = None
-                    self._stop_stream("log_mismatch", str(exc))
-                    break
-                records, epochs = await self._collect(consumer, stop, pending[0] if pending is not None else None)
-                staged = None
-                if records:
-                    try:
-                        staged = await self.pipeline.stage(records)  # overlaps the write in flight
-                    except CircuitOpen as exc:
-                        if pending is not None:
-                            await self._finish_write(consumer, stop, *pending)
-                            pending = None
-                        self._stop_stream("circuit_open", str(exc))
-                        break
-                if pending is not None:
-                    await self._finish_write(consumer, stop, *pending)
-                    pending = None
-                if staged is not None:
-                    pending = (asyncio.create_task(self._write(consumer, staged, epochs)), staged, epochs)
-                else:
-                    self._refresh_lag(consumer)
-                    if drain and self._caught_up(consumer):
-                        break
+                    if staged is not None:
+                        pending = (asyncio.create_task(self._write(consumer, staged, epochs)), staged, epochs)
+                    else:
+                        self._refresh_lag(consumer)
+                        if drain and self._caught_up(consumer):
+                            break
+            except (CircuitOpen, LogMismatch) as exc:  # the in-flight write (if any) still finishes below
+                self._stop_stream(exc)
             if pending is not None:
                 await self._finish_write(consumer, stop, *pending)
                 pending = None
@@ -346,13 +333,12 @@ class StreamConsumer:
             pass  # an unpositioned partition (paused): it is sought explicitly before it is read
         return {}
 
-    def _stop_stream(self, kind: str, why: str) -> None:
-        log.error("stream stopped", extra={"stream": self.stream, "reason": kind, "detail": why})
-        if kind == "circuit_open":
-            self.metrics.circuit_open.labels(self.stream).set(1)
-        else:
-            self.metrics.log_mismatch_stopped.labels(self.stream).set(1)
-        self.totals.stopped_by, self.totals.stop_kind = why, kind
+    def _stop_stream(self, why: CircuitOpen | LogMismatch) -> None:
+        kind = "circuit_open" if isinstance(why, CircuitOpen) else "log_mismatch"
+        log.error("stream stopped", extra={"stream": self.stream, "reason": kind, "detail": str(why)})
+        gauge = self.metrics.circuit_open if kind == "circuit_open" else self.metrics.log_mismatch_stopped
+        gauge.labels(self.stream).set(1)
+        self.totals.stopped_by, self.totals.stop_kind = str(why), kind
 
     async def _write(self, consumer: AIOKafkaConsumer, staged: Staged, epochs: dict[int, int]) -> None:
         """One attempt to commit ``staged``. Only records of partitions still positioned as when they were
