@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from ingest.codec import DecodeLimits
+from ingest.compiled import Compiled
 from ingest.reject import Reason, Rejected
 
 _ALLOWED_TOP = {"$schema", "$id", "title", "description", "type", "required", "properties"}
@@ -181,6 +183,8 @@ class Contract:
             raise UnsupportedSchema(f"columns {missing} are not properties of the schema")
         self.columns = tuple(columns)
         self.window = window
+        self._schema = schema
+        self._compiled: dict[DecodeLimits, Compiled] = {}
         self.required = tuple(sorted(required))
         checks = {name: _compile_field(name, spec) for name, spec in props.items()}
         # Validate every declared property (even ones not stored) so acceptance equals the schema's.
@@ -190,6 +194,18 @@ class Contract:
         self._time_fields = tuple(
             self._index[name] for name, spec in props.items() if spec.get("format") == "date-time"
         )
+
+    def compiled(self, limits: DecodeLimits) -> Compiled:
+        """The C-speed decoder for ``limits`` (built once): it accepts only what ``decode`` + ``extract`` accept,
+        with the same values, and leaves every other record to them (see ``ingest.compiled``)."""
+        fast = self._compiled.get(limits)
+        if fast is None:
+            fast = self._compiled[limits] = Compiled(self._schema, self.columns, limits, _ecma_anchors)
+        return fast
+
+    def bounds(self, now: datetime) -> tuple[datetime, datetime]:
+        """The accepted ``occurred_at`` range at ``now`` (inclusive)."""
+        return now - self.window.max_age, now + self.window.max_ahead
 
     def extract(self, obj: dict[str, Any], now: datetime) -> tuple[Any, ...]:
         """Return the column values of ``obj`` or raise ``Rejected``; ``now`` anchors the time window."""
