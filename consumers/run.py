@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 from collections.abc import Mapping
@@ -157,10 +158,28 @@ def build_consumer(config: Config, stream: Stream, rt: Runtime) -> StreamConsume
                           changes_table=tables.offset_changes)
 
 
+GC_THRESHOLD = 50_000
+"""Allocations between two young-generation collections (CPython's default is 700)."""
+
+
+def tune_gc() -> None:
+    """Collect cyclic garbage less often in a consuming process.
+
+    A batch allocates tens of thousands of short-lived objects (records, rows, decoded values) that reference
+    counting frees; with CPython's default threshold the collector runs every 700 allocations and, as batches
+    stay alive across collections, promotes them and rescans older generations: about 1 µs per event in
+    ``prepare`` alone. Objects alive at start-up (modules, clients) are frozen out of every collection. Memory
+    stays bounded: cycles are still collected, only in larger steps."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
+
+
 async def consume(config: Config, selected: list[Stream], stop: asyncio.Event, *, drain: bool = False,
                   metrics: Metrics | None = None) -> dict[str, Totals]:
     """Run one consumer per selected stream until ``stop`` (or caught up with ``drain``)."""
     rt = await open_runtime(config, metrics)
+    tune_gc()
     maint_pool: asyncpg.Pool | None = None  # DDL runs as the owner when its URL differs from the writer's
     watched: list[StreamConsumer] = []  # filled below; the probes read it at each request
     server: HealthServer | None = None

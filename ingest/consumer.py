@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 import socket
 import time
@@ -42,6 +43,8 @@ from ingest.retry import Backoff
 from ingest.services import kafka_starting
 
 log = logging.getLogger(__name__)
+
+_VALUE = operator.attrgetter("value")
 
 
 @dataclass(slots=True)
@@ -301,9 +304,10 @@ class StreamConsumer:
                 epoch = epochs.setdefault(tp.partition, self.parts.epoch(tp.partition))
                 # Only records at or past the cursor of a partition still positioned as at the batch's start;
                 # the rest is re-read after (re)positioning.
-                for i in self.parts.accept(tp.partition, epoch, [m.offset for m in msgs]):
-                    records.append(msgs[i])
-                    size += len(msgs[i].value or b"")
+                taken = self.parts.accept(tp.partition, epoch, [m.offset for m in msgs])
+                chosen = msgs if len(taken) == len(msgs) else [msgs[i] for i in taken]
+                records += chosen
+                size += sum([len(v) for v in map(_VALUE, chosen) if v is not None])
             if records and started is None:
                 started = self.clock()
             if not records:
@@ -345,7 +349,14 @@ class StreamConsumer:
         fetched (same epoch) and at or past the stored position are written: a rebalance or a fence may have
         moved them since, and those records are re-read from the new position instead."""
         async with self._lock:
-            live = [r for r in staged.records if self.parts.writable(r.partition, epochs.get(r.partition), r.offset)]
+            records = staged.records
+            first: dict[int, int] = {}  # lowest offset of each partition in the batch (one pass, then per partition)
+            for r in reversed(records):
+                first[r.partition] = r.offset
+            if all(self.parts.writable(p, epochs.get(p), off) for p, off in first.items()):
+                live = records
+            else:
+                live = [r for r in records if self.parts.writable(r.partition, epochs.get(r.partition), r.offset)]
             if not live:
                 return
             if len(live) != len(staged.records):

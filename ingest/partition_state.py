@@ -18,6 +18,7 @@ Workflow of a partition (``Status``)::
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -123,8 +124,14 @@ class Partitions:
         s = self._states.get(partition)
         if s is None or s.status is not Status.POSITIONED or s.epoch != epoch:
             return []
-        taken = []
+        offsets = list(offsets)
         cursor = s.cursor
+        if not offsets:
+            return []
+        if offsets[0] >= cursor and all(map(operator.lt, offsets, offsets[1:])):  # the usual fetch, in C
+            s.cursor = offsets[-1] + 1
+            return list(range(len(offsets)))
+        taken = []
         for i, offset in enumerate(offsets):
             if offset >= cursor:
                 taken.append(i)

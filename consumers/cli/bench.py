@@ -50,6 +50,7 @@ class BenchOptions:
     rate: float = 0.0  # events/s; 0 = backlog mode
     duration: float = 60.0
     seed: int = 1
+    prefill_keys: int = 0  # ledger keys written before the run (a deployment's steady state)
 
 
 @dataclass
@@ -165,6 +166,34 @@ async def _ceiling(config: Config, stream: streams.Stream, opts: BenchOptions, l
         await pool.close()
 
 
+async def _prefill(config: Config, stream: streams.Stream, keys: int, progress: bool) -> dict[str, Any]:
+    """Fill the dedupe ledger with ``keys`` keys spread over the dedupe window (none collides with the run's
+    keys), as a deployment that has run for a whole window holds them, then VACUUM ANALYZE it."""
+    pool = await create_pool(config.database_url, max_size=1)
+    ledger = stream.tables().ledger
+    chunk = 1_000_000
+    started = time.perf_counter()
+    try:
+        async with pool.acquire() as conn:
+            bar = tqdm(total=keys, desc="prefill ledger", unit="key", disable=not progress, mininterval=1)
+            for first in range(0, keys, chunk):
+                n = min(chunk, keys - first)
+                await conn.execute(
+                    f"""INSERT INTO {ident(ledger)} (stream, tenant_id, idempotency_key, seen_at)
+                        SELECT $1, 'org-' || lpad((i % 1000)::text, 4, '0'), 'prefill_' || i,
+                               now() - $4::interval * random()
+                        FROM generate_series($2::bigint, $3::bigint) AS i""",
+                    stream.name, first, first + n - 1, config.dedupe.window)
+                bar.update(n)
+            bar.close()
+            await conn.execute(f"VACUUM ANALYZE {ident(ledger)}")
+            size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", ident(ledger))
+    finally:
+        await pool.close()
+    return {"prefill_keys": keys, "prefill_seconds": round(time.perf_counter() - started, 1),
+            "ledger_mib_before_run": round(size / 2**20, 1)}
+
+
 async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> dict[str, Any]:
     """Run one benchmark and return its figures (see module docstring); cleans up after itself."""
     uid = uuid.uuid4().hex[:8]
@@ -179,6 +208,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
     try:
         await run.run_migrations(config)
         await run.ensure_all_topics(config)
+        prefill = await _prefill(config, stream, opts.prefill_keys, progress) if opts.prefill_keys else {}
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
         child = ctx.Process(target=_produce_in_child,
@@ -192,6 +222,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
             await asyncio.to_thread(child.join)
             produce_seconds = time.perf_counter() - produce_started
         rt = await run.open_runtime(config)
+        run.tune_gc()
         consumer = run.build_consumer(config, stream, rt)
         consumer.pipeline.on_commit = recorder
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -241,6 +272,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         }
         if opts.rate:
             figures["target_rate"] = opts.rate
+        figures.update(prefill)
         return figures
     finally:
         await _cleanup(config, base, db)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers.bench import BenchOptions, _values
+from consumers.cli.bench import BenchOptions, _values
 from consumers.settings import from_env
 from consumers.streams import AUDIT, WEBHOOK, load_schema
 from ingest.codec import DecodeLimits, NulPolicy, decode

@@ -23,6 +23,9 @@ def register(sub: Any) -> None:
     p.add_argument("--partitions", type=int, default=12)
     p.add_argument("--rate", type=float, default=0.0, help="events/s for a steady-rate latency run (0 = backlog)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of the steady-rate run")
+    p.add_argument("--prefill-keys", type=int, default=0,
+                   help="keys put in the dedupe ledger before the run (steady state of a deployment that has run "
+                        "for its dedupe window, e.g. 10000000)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     p.set_defaults(handler=_bench)
 
@@ -33,7 +36,8 @@ async def _bench(args: argparse.Namespace, config: Config) -> int:
 
     opts = BenchOptions(events=args.events, tenants=args.tenants, dup_rate=args.dup_rate,
                         invalid_rate=args.invalid_rate, stream=args.stream, partitions=args.partitions,
-                        rate=args.rate, duration=args.duration)
+                        rate=args.rate, duration=args.duration,
+                        prefill_keys=args.prefill_keys)
     if opts.rate:
         opts.events = int(opts.rate * opts.duration)
     figures = await bench(config, opts)
