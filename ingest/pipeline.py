@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ingest.breaker import Breaker
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from ingest.sql import Conn
 
 log = logging.getLogger(__name__)
+
+_KAFKA_TIME, _KEY, _TENANT = attrgetter("kafka_time"), attrgetter("key"), itemgetter(0)
 
 
 def _text(value: object, limit: int) -> str | None:
@@ -256,13 +259,15 @@ class Pipeline:
         m.batch_rows.labels(s).observe(outcome.stored)
         m.batch_write.labels(s).observe(outcome.write_seconds)
         now = time.time()
-        latencies = [max(0.0, now - c.kafka_time.timestamp()) for c in result.stored]
+        latencies: list[float] = []  # one subtraction per distinct Kafka timestamp (they repeat within a batch)
+        for kafka_time, n in Counter(map(_KAFKA_TIME, result.stored)).items():
+            latencies += [max(0.0, now - kafka_time.timestamp())] * n
         m.latency.observe_many((s,), latencies)
         if self.on_commit is not None:
             self.on_commit(outcome, latencies)
         # Per tenant (bounded label, see Metrics.observe_tenants). Every record counted above is attributed, so
         # the per-tenant sums equal ingest_events_total; in-batch duplicates carry no tenant here (None).
-        stored: Counter[str | None] = Counter(c.key[0] for c in result.stored)
+        stored: Counter[str | None] = Counter(map(_TENANT, map(_KEY, result.stored)))
         quota: Counter[str | None] = Counter(c.key[0] for c in result.over_quota)
         refused: Counter[str | None] = Counter(d.tenant_id for d in result.refused)
         rejected: Counter[str | None] = Counter(d.tenant_id for d in prepared.dead_letters)
