@@ -24,7 +24,7 @@ import operator
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,10 +142,11 @@ class StreamConsumer:
         with contextlib.suppress(KeyError):
             self.metrics.lag.remove(self.stream, str(p))
 
-    def _reposition(self, consumer: AIOKafkaConsumer, parts: set[int], *, out_of_range: bool = False) -> None:
-        """Read ``parts`` again from the position Postgres holds (paused until then)."""
-        for p in parts:
-            self.parts.reposition(p, out_of_range=out_of_range)
+    def _reposition(self, consumer: AIOKafkaConsumer, parts: Mapping[int, tuple[int, int | None] | None]) -> None:
+        """Read ``parts`` again from the position Postgres holds (paused until then); each maps to the evidence
+        that the log ends before its position, if that is why (see ``PartitionState.end_seen``)."""
+        for p, end_seen in parts.items():
+            self.parts.reposition(p, end_seen=end_seen)
         self._apply_pause(consumer)
 
     async def _position(self, consumer: AIOKafkaConsumer) -> None:
@@ -168,18 +169,24 @@ class StreamConsumer:
         log.info("partitions positioned from postgres", extra={"stream": self.stream, "offsets": stored})
 
     async def _log_bounds(self, consumer: AIOKafkaConsumer, parts: list[int]) -> dict[int, offsets.LogBounds]:
-        """What the log of each partition holds now. The start comes from ListOffsets(earliest). The end is
-        taken only where it is reliable: ListOffsets(latest) after the broker refused a fetch as out of range,
-        else the high watermark of the last fetch (the embedded broker's ListOffsets(latest) lags behind what it
-        holds), else unknown (judged after the first fetch: see ``_refresh_lag``)."""
+        """What the log of each partition holds now. The start comes from ListOffsets(earliest). The end only
+        from evidence gathered at the position (``PartitionState.end_seen``): the high watermark of a fetch made
+        there, or ListOffsets(latest) after the broker refused to fetch there. Otherwise it is unknown, and the
+        stored position is sought and judged by the first fetch there (``_refresh_lag``): a high watermark seen
+        earlier may be stale, and the embedded broker's ListOffsets(latest) lags behind what it holds."""
         tps = [self._tp(p) for p in parts]
         start = await consumer.beginning_offsets(tps)
-        refused = [tp for tp in tps if (s := self.parts.get(tp.partition)) is not None and s.out_of_range]
+        seen = {tp: s.end_seen for tp in tps if (s := self.parts.get(tp.partition)) is not None and s.end_seen}
+        refused = [tp for tp, (_, end) in seen.items() if end is None]
         listed = await consumer.end_offsets(refused) if refused else {}
         out = {}
         for tp in tps:
-            end = listed.get(tp, consumer.highwater(tp))
-            out[tp.partition] = offsets.LogBounds(start[tp], None if end is None else max(start[tp], end))
+            if tp not in seen:
+                out[tp.partition] = offsets.LogBounds(start[tp], None)
+                continue
+            at, end = seen[tp]
+            end = listed[tp] if end is None else end
+            out[tp.partition] = offsets.LogBounds(start[tp], max(start[tp], end), seen_at=at)
         return out
 
     async def _seek(self, consumer: AIOKafkaConsumer, parts: list[int], stored: dict[int, int],
@@ -188,7 +195,7 @@ class StreamConsumer:
         unwritable."""
         for p in parts:
             start = bounds[p].start
-            if self.parts.position(p, stored[p], start):  # else revoked while we were reading
+            if self.parts.position(p, stored[p], start, consumer.last_poll_timestamp(self._tp(p))):
                 consumer.seek(self._tp(p), stored[p] if stored[p] != offsets.UNSET else start)
 
     def _apply_pause(self, consumer: AIOKafkaConsumer, everything: bool = False) -> None:
@@ -329,10 +336,12 @@ class StreamConsumer:
         try:
             return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
         except OffsetOutOfRangeError as exc:
-            out_of_range = {tp.partition for tp in (exc.args[0] if exc.args else {}) if tp.topic == self.topic}
+            refused = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            seen: dict[int, tuple[int, int | None] | None] = {
+                tp.partition: (at, None) for tp, at in refused.items() if tp.topic == self.topic}
             log.warning("fetch position out of range; re-positioning",
-                        extra={"stream": self.stream, "partitions": sorted(out_of_range)})
-            self._reposition(consumer, out_of_range, out_of_range=True)
+                        extra={"stream": self.stream, "partitions": sorted(seen)})
+            self._reposition(consumer, seen)
         except NoOffsetForPartitionError:
             pass  # an unpositioned partition (paused): it is sought explicitly before it is read
         return {}
@@ -389,7 +398,7 @@ class StreamConsumer:
             self.metrics.fenced.labels(self.stream).inc()
             log.warning("batch fenced: another owner moved the offsets; re-seeking",
                         extra={"stream": self.stream, "partitions": list(fenced.partitions)})
-        self._reposition(consumer, {r.partition for r in staged.records})
+        self._reposition(consumer, dict.fromkeys({r.partition for r in staged.records}))
 
     async def _with_retries(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
                             action: Callable[[], Awaitable[object]], failed: BaseException | None = None) -> bool:
@@ -437,16 +446,17 @@ class StreamConsumer:
         if now - self._last_lag_refresh < 1.0:
             return
         self._last_lag_refresh = now
-        shrunk = set()
+        shrunk: dict[int, tuple[int, int | None] | None] = {}
         for p, s in self.parts.positioned().items():
-            high = consumer.highwater(self._tp(p))
+            tp = self._tp(p)
+            high = consumer.highwater(tp)
             if high is None:
                 continue
-            if high < s.cursor:
-                shrunk.add(p)
-                self.metrics.lag.labels(self.stream, str(p)).set(high)  # unknown, but never 0 while unread
-            else:
+            if high >= s.cursor:
                 self.metrics.lag.labels(self.stream, str(p)).set(high - s.position)
+            elif consumer.last_poll_timestamp(tp) != s.poll_mark:  # reported by a fetch at this position
+                shrunk[p] = (s.cursor, high)
+                self.metrics.lag.labels(self.stream, str(p)).set(high)  # unknown, but never 0 while unread
         if shrunk:
             log.warning("high watermark below the position; re-positioning",
                         extra={"stream": self.stream, "partitions": sorted(shrunk)})

@@ -66,11 +66,13 @@ async def fence_and_advance(
 
 @dataclass(frozen=True, slots=True)
 class LogBounds:
-    """What the Kafka log of one partition holds now: offsets ``start`` (inclusive) to ``end`` (exclusive);
-    ``end`` None when it is not known reliably (then only ``start`` is judged)."""
+    """What the Kafka log of one partition holds now: offsets ``start`` (inclusive) to ``end`` (exclusive).
+    ``end`` None: not known reliably (then only ``start`` is judged). ``seen_at``: the offset the end was observed
+    from (a fetch there); a stored offset other than that is not judged against it."""
 
     start: int
     end: int | None
+    seen_at: int | None = None
 
 
 class Kind(StrEnum):
@@ -120,7 +122,7 @@ def mismatches(stored: Mapping[int, int], bounds: Mapping[int, LogBounds]) -> li
         b = bounds.get(p)
         if b is None or at == UNSET:
             continue
-        if b.end is not None and at > b.end:
+        if b.end is not None and at > b.end and b.seen_at in (None, at):
             out.append(Move(p, Kind.BEYOND_END, at, b.start, b))
         elif at < b.start:
             out.append(Move(p, Kind.BELOW_START, at, b.start, b))

@@ -11,6 +11,12 @@ Workflow of a partition (``Status``)::
 - ``stored`` is the next offset stored in Postgres as this consumer last saw it: the fence's expected value.
   ``UNSET`` (-1) means nothing was ever stored; reading then starts at the log start.
 - ``cursor`` is the next offset accepted from Kafka (records below it were already taken into a batch).
+- ``end_seen`` is evidence that the log ends before the position: ``(offset, end)`` where ``offset`` is the
+  position a fetch was made at and ``end`` the log end that fetch reported (None: the broker refused the offset
+  as out of range; ask it for the end). Only such evidence may judge a stored position to lie past the log end:
+  a high watermark seen earlier, at another position, may be stale (another owner moved on since).
+- ``poll_mark`` is the consumer's last-poll timestamp when the partition was positioned: a high watermark
+  reported after it comes from a fetch at this position.
 - ``epoch`` grows at every change of position or ownership. A batch remembers the epoch of each partition it read;
   its records are written only if the epoch is unchanged, so nothing staged before a re-positioning is written
   past the records it would skip.
@@ -41,7 +47,8 @@ class PartitionState:
     stored: int = UNSET
     cursor: int = UNSET
     epoch: int = 0
-    out_of_range: bool = False  # the broker refused a fetch at the position: judge it by ListOffsets' log end
+    end_seen: tuple[int, int | None] | None = None
+    poll_mark: int | None = None
 
     @property
     def position(self) -> int:
@@ -98,23 +105,25 @@ class Partitions:
         if s is not None:
             s.status, s.stored, s.cursor, s.epoch = Status.REVOKED, UNSET, UNSET, s.epoch + 1
 
-    def reposition(self, partition: int, *, out_of_range: bool = False) -> bool:
+    def reposition(self, partition: int, *, end_seen: tuple[int, int | None] | None = None) -> bool:
         """Forget the position of an assigned partition: it is paused and read again from Postgres's position
-        (``out_of_range``: because the broker refused to fetch there). Returns False when it is not assigned."""
+        (``end_seen``: because a fetch showed the log ending before it; see the module note). Returns False when
+        it is not assigned."""
         s = self.get(partition)
         if s is None:
             return False
         s.status, s.stored, s.cursor, s.epoch = Status.UNPOSITIONED, UNSET, UNSET, s.epoch + 1
-        s.out_of_range = out_of_range
+        s.end_seen = end_seen
         return True
 
-    def position(self, partition: int, stored: int, start: int) -> bool:
+    def position(self, partition: int, stored: int, start: int, poll_mark: int | None = None) -> bool:
         """Position an unpositioned partition at ``stored`` (``UNSET``: at ``start``, the log start). Returns
         False, changing nothing, when it is no longer waiting for a position (revoked meanwhile)."""
         s = self._states.get(partition)
         if s is None or s.status is not Status.UNPOSITIONED:
             return False
-        s.status, s.stored, s.epoch, s.out_of_range = Status.POSITIONED, stored, s.epoch + 1, False
+        s.status, s.stored, s.epoch, s.end_seen = Status.POSITIONED, stored, s.epoch + 1, None
+        s.poll_mark = poll_mark
         s.cursor = stored if stored != UNSET else start
         return True
 

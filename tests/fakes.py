@@ -74,6 +74,9 @@ class FakeKafka:
     def highwater(self, tp: TopicPartition) -> int | None:
         return None
 
+    def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
+        return None
+
     async def commit(self, offsets: Any) -> None:
         self.commits.append(offsets)
 

@@ -30,3 +30,11 @@ def test_reset_counts_what_is_skipped_or_read_again() -> None:
     assert (Move(0, Kind.RESET, 400, 100, b).skipped, Move(0, Kind.RESET, 400, 100, b).reread) == (0, 300)
     assert Move(0, Kind.RESET, UNSET, 1000, b).skipped == 900, "nothing read yet: from the log start"
     assert Move(0, Kind.RESET, 50, 100, b).skipped == 0, "a stored offset below the start counts from the start"
+
+
+def test_an_end_seen_from_another_position_does_not_judge_the_stored_one() -> None:
+    # A consumer saw the log end at 300 while reading at 250; meanwhile another owner stored 500 (the log grew):
+    # 500 is not past the end, the observation is simply stale.
+    assert mismatches({0: 500}, {0: LogBounds(0, 300, seen_at=250)}) == []
+    (m,) = mismatches({0: 500}, {0: LogBounds(0, 4, seen_at=500)})  # a fetch at 500 saw the log end at 4
+    assert m.kind is Kind.BEYOND_END
