@@ -178,7 +178,8 @@ async def create(conn: Conn, table: str, start: datetime, end: datetime, *, lock
     transaction under ``lock_timeout``. Returns how many rows were moved from DEFAULT.
 
     Raises ``asyncpg.LockNotAvailableError`` (55P03) when a lock is not granted in time, and
-    ``asyncpg.DuplicateTableError`` when a table of that name exists (e.g. created concurrently)."""
+    ``asyncpg.DuplicateTableError`` (or ``DuplicateObjectError`` for its row type) when a table of that name
+    exists (e.g. created concurrently)."""
     name = partition_name(table, start)
     key = await partition_key(conn, table)
     cols = ", ".join(ident(c) for c in await _columns(conn, table))
@@ -222,7 +223,9 @@ async def ensure(conn: Conn, table: str, *, first: date, last: date, granularity
     for start, end in plan(await existing(conn, table), first, last, granularity):
         try:
             await create(conn, table, start, end, lock_timeout_ms=lock_timeout_ms)
-        except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+        except (asyncpg.DuplicateTableError, asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
+            # A concurrent creator won the race (Postgres reports it as the table, its row type or the catalog
+            # index, depending on timing).
             if not _covered(await existing(conn, table), start, end):
                 raise
             continue
