@@ -114,8 +114,11 @@ def ledger_policy(config: Config) -> LedgerPolicy:
 
 
 async def ensure_all_topics(config: Config) -> list[str]:
+    """Create the streams' topics that are missing, with the configured partitions, replication factor and
+    ``min.insync.replicas``."""
     return await ensure_topics(config, [s.topic_for(config) for s in streams.STREAMS.values()],
-                               config.topic_partitions)
+                               config.topic_partitions, replication_factor=config.topic_replication_factor,
+                               min_insync_replicas=config.topic_min_insync_replicas)
 
 
 @dataclass
