@@ -22,7 +22,7 @@ from consumers import run, settings, streams
 from ingest import broker
 from ingest import roles as pg_roles
 from ingest.codec import decode
-from ingest.config import Config
+from ingest.config import Config, maintenance_url
 from ingest.publisher import Publisher
 from ingest.reject import Rejected
 from ingest.services import connect_redis, create_pool, with_database
@@ -233,7 +233,7 @@ async def _demo(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _summary(args: argparse.Namespace, config: Config) -> int:
-    pool = await create_pool(config.database_url, max_size=1)
+    pool = await create_pool(maintenance_url(config), max_size=1)
     try:
         async with pool.acquire() as conn:
             print(await report.summary(conn, config))
