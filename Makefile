@@ -23,6 +23,7 @@ test: setup ## lint, then unit, integration and fault-injection tests (starts Po
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest --faults
+	scripts/lowest-deps  # unit tests on the lowest dependency versions pyproject.toml allows (.venv-lowest)
 
 quick: setup ## unit and integration tests only (no lint, no fault-injection suite)
 	scripts/ensure-services
@@ -34,4 +35,4 @@ lint: setup
 
 clean:
 	-$(BIN)/ingest dev down
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-lowest *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -24,7 +24,7 @@ from ingest.broker import ensure_topics
 from ingest.config import Config, maintenance_url
 from ingest.consumer import StreamConsumer, Totals
 from ingest.dedupe import RedisHints
-from ingest.maintenance import LOCK_KEY, LedgerPolicy, Maintenance
+from ingest.maintenance import LOCK_KEY, DeadLetterPolicy, LedgerPolicy, Maintenance
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
 from ingest.redaction import redact
@@ -105,7 +105,7 @@ def maintenance(config: Config, rt: Runtime, pool: asyncpg.Pool | None = None) -
         pool or rt.pool, streams.policies(config, list(streams.STREAMS.values())),
         lock_timeout_ms=cfg.lock_timeout_ms, interval=cfg.maintenance_interval.total_seconds(),
         archive=cfg.retention_action == "archive", export_dir=cfg.export_dir or None,
-        metrics=rt.metrics, ledger=ledger_policy(config))
+        metrics=rt.metrics, ledger=ledger_policy(config), dead_letters=dead_letter_policy(config))
 
 
 def ledger_policy(config: Config) -> LedgerPolicy:
@@ -113,9 +113,19 @@ def ledger_policy(config: Config) -> LedgerPolicy:
     return LedgerPolicy(streams.shared_tables().ledger, config.dedupe.window)
 
 
+def dead_letter_policy(config: Config) -> DeadLetterPolicy | None:
+    """Retention of the dead letters (shared by every stream); None when ``INGEST_DLQ_RETENTION_DAYS`` is 0."""
+    if not config.dlq_retention:
+        return None
+    return DeadLetterPolicy(streams.shared_tables().dead_letters, config.dlq_retention)
+
+
 async def ensure_all_topics(config: Config) -> list[str]:
+    """Create the streams' topics that are missing, with the configured partitions, replication factor and
+    ``min.insync.replicas``."""
     return await ensure_topics(config, [s.topic_for(config) for s in streams.STREAMS.values()],
-                               config.topic_partitions)
+                               config.topic_partitions, replication_factor=config.topic_replication_factor,
+                               min_insync_replicas=config.topic_min_insync_replicas)
 
 
 @dataclass

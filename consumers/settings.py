@@ -73,6 +73,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_GROUP_PREFIX", "ingest", f"Consumer groups are {_listed(f'<prefix>.{name}' for name in STREAMS)}."),
     Setting("INGEST_INSTANCE_ID", "", "Static group membership id (e.g. the pod name); empty = dynamic membership."),
     Setting("INGEST_TOPIC_PARTITIONS", "12", "Partitions per topic created by `ingest topics ensure`."),
+    Setting("INGEST_TOPIC_REPLICATION_FACTOR", "3", "Replicas per partition of the topics `ingest topics ensure` creates (`ingest dev up` uses 1 for its single embedded broker); with fewer than 3, one broker failure can lose acknowledged events."),
+    Setting("INGEST_TOPIC_MIN_INSYNC_REPLICAS", "2", "`min.insync.replicas` of those topics: an `acks=all` write is acknowledged only once this many replicas have it (at most the replication factor)."),
+    Setting("INGEST_PRODUCER_IDEMPOTENCE", "true", "Producers (`ingest publish`, `Publisher`, `dlq replay`) use `enable.idempotence` (with `acks=all`): no duplicates or reordering from their own retries. Set `false` only for a broker without it (the embedded dev broker)."),
     Setting("INGEST_BATCH_MAX_ROWS", "5000", "A batch closes at this many records..."),
     Setting("INGEST_BATCH_MAX_BYTES", "16777216", "...or this many bytes of values..."),
     Setting("INGEST_BATCH_MAX_AGE_MS", "100", "...or this age of its first record, whichever comes first; a batch also closes as soon as the previous batch's write ends (group commit), so the age only bounds batching under load."),
@@ -95,6 +98,7 @@ SETTINGS: tuple[Setting, ...] = (
     *(Setting(_per_stream(name, "RETENTION_DAYS"), "",
               f"Per-stream retention for {s.table} (default: the global one).") for name, s in STREAMS.items()),
     Setting("INGEST_MAINTENANCE_INTERVAL_SECONDS", "600", "Partition maintenance in consumers (create ahead, prune, DEFAULT check); 0 disables it."),
+    Setting("INGEST_DLQ_RETENTION_DAYS", "30", "Dead letters older than this are deleted by partition maintenance (0 keeps them forever); `ingest dlq purge` never deletes an unreplayed entry younger than this."),
     Setting("INGEST_RETENTION_ACTION", "drop", "Partitions past retention are `drop`ped or `archive`d (moved to schema `archive`)."),
     Setting("INGEST_RETENTION_EXPORT_DIR", "", "If set, each partition is written to `DIR/<table>_pYYYYMMDD.csv.gz` before removal."),
     Setting("INGEST_DDL_LOCK_TIMEOUT_MS", "2000", "lock_timeout for partition DDL (never queue behind ingestion)."),
@@ -209,6 +213,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         ssl_check_hostname=get("INGEST_KAFKA_SSL_CHECK_HOSTNAME", boolean),
     )
     _check_connections(raw, kafka_security)
+    replication = get("INGEST_TOPIC_REPLICATION_FACTOR", positive)
+    min_insync = get("INGEST_TOPIC_MIN_INSYNC_REPLICAS", positive)
+    if min_insync > replication:
+        raise SettingsError(f"INGEST_TOPIC_MIN_INSYNC_REPLICAS={min_insync} is invalid: must be at most "
+                            f"INGEST_TOPIC_REPLICATION_FACTOR ({replication}), or no acks=all write could succeed")
 
     return Config(
         kafka_bootstrap=get("INGEST_KAFKA_BOOTSTRAP"),
@@ -220,6 +229,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         group_prefix=get("INGEST_GROUP_PREFIX"),
         instance_id=get("INGEST_INSTANCE_ID") or None,
         topic_partitions=get("INGEST_TOPIC_PARTITIONS", positive),
+        topic_replication_factor=replication,
+        topic_min_insync_replicas=min_insync,
+        producer_idempotence=get("INGEST_PRODUCER_IDEMPOTENCE", boolean),
+        dlq_retention=timedelta(days=get("INGEST_DLQ_RETENTION_DAYS", non_negative)),
         batch=BatchLimits(
             max_rows=get("INGEST_BATCH_MAX_ROWS", positive),
             max_bytes=get("INGEST_BATCH_MAX_BYTES", positive),

@@ -53,9 +53,13 @@ def start_embedded(host: str, port: int, *, log_path: str | None = None, wait_s:
     raise ServiceUnavailable("kafka", f"{host}:{port}", "embedded broker did not start")
 
 
-async def ensure_topics(config: Config, topics: Sequence[str], partitions: int, **admin_options: Any) -> list[str]:
-    """Create the topics that are missing (``partitions`` each) on ``config``'s brokers; return the names created.
-    ``admin_options`` are extra admin-client options (``request_timeout_ms``, 10 s by default)."""
+async def ensure_topics(config: Config, topics: Sequence[str], partitions: int, *, replication_factor: int,
+                        min_insync_replicas: int, **admin_options: Any) -> list[str]:
+    """Create the topics that are missing on ``config``'s brokers; return the names created. Each gets
+    ``partitions`` partitions of ``replication_factor`` replicas and ``min.insync.replicas`` =
+    ``min_insync_replicas`` (with producers' ``acks=all``, an acknowledged write is then on that many replicas).
+    Existing topics are left as they are. ``admin_options`` are extra admin-client options (``request_timeout_ms``,
+    10 s by default)."""
     admin = AIOKafkaAdminClient(**kafka_options.admin(
         config, client_id="ingest-topics", **{"request_timeout_ms": 10000, **admin_options}))
     try:
@@ -71,7 +75,8 @@ async def ensure_topics(config: Config, topics: Sequence[str], partitions: int, 
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing])
+                    [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor,
+                              topic_configs={"min.insync.replicas": str(min_insync_replicas)}) for t in missing])
         return missing
     finally:
         await admin.close()

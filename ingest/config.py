@@ -90,6 +90,10 @@ class Config:
     group_prefix: str
     instance_id: str | None
     topic_partitions: int
+    topic_replication_factor: int
+    topic_min_insync_replicas: int
+    producer_idempotence: bool  # enable.idempotence on every producer (kafka_options.producer)
+    dlq_retention: timedelta  # dead letters older than this are deleted by maintenance; 0 = kept forever
     batch: BatchLimits
     dedupe: DedupeConfig
     decode: DecodeLimits

@@ -5,11 +5,17 @@ filter values are always bound parameters. Replay selects pending entries (``rep
 order (see ``select_for_replay``) up to an id fixed when the replay starts, so records that fail again during the replay (new dead letters, higher ids)
 are never picked up by the same run. ``mark_replayed`` only marks entries that are still pending, so it is safe to
 repeat. One replay at a time per table: ``try_replay_lock`` is a session advisory lock.
+
+Retention (``purge_plan``, ``purge``): an entry created before the cut-off is deleted only when it was replayed or
+is older than ``keep_pending_after`` (now minus the dead-letter retention); ``None`` there keeps every unreplayed
+entry. So no command can delete an unreplayed entry younger than the retention. Deletion goes ``chunk`` rows per
+transaction, like the ledger's expiry.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -273,3 +279,54 @@ def hexdump(raw: bytes, width: int = 16) -> str:
         ascii_ = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
         lines.append(f"{at:08x}  {hexes:<{width * 3 - 1}}  |{ascii_}|")
     return "\n".join(lines)
+
+
+# -- retention ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PurgePlan:
+    """Entries created before the cut-off: those a purge deletes, and the unreplayed ones it must keep."""
+
+    deletable: int
+    kept_pending: int  # unreplayed and younger than the retention: never deleted
+
+
+# $1 created before, $2 keep unreplayed entries created at or after this (NULL: keep every unreplayed one),
+# $3 reasons (NULL: any). A NULL $2 makes "created_at < $2" NULL, so only replayed entries qualify.
+_PURGEABLE = ("created_at < $1 AND (replayed_at IS NOT NULL OR created_at < $2) "
+              "AND ($3::text[] IS NULL OR reason = ANY($3::text[]))")
+
+
+async def purge_plan(conn: Conn, table: str, *, before: datetime, keep_pending_after: datetime | None,
+                     reasons: Sequence[str] = ()) -> PurgePlan:
+    """What ``purge`` with the same arguments would delete, and what it would keep."""
+    row = await conn.fetchrow(
+        f"SELECT count(*) FILTER (WHERE {_PURGEABLE}) AS deletable, "
+        f"count(*) AS matched FROM {ident(table)} "
+        f"WHERE created_at < $1 AND ($3::text[] IS NULL OR reason = ANY($3::text[]))",
+        before, keep_pending_after, list(reasons) or None)
+    assert row is not None  # an aggregate without GROUP BY returns one row
+    return PurgePlan(int(row["deletable"]), int(row["matched"]) - int(row["deletable"]))
+
+
+async def purge(conn: Conn, table: str, *, before: datetime, keep_pending_after: datetime | None,
+                reasons: Sequence[str] = (), chunk: int = 5000, budget_s: float | None = None,
+                lock_timeout_ms: int | None = None) -> int:
+    """Delete the entries ``purge_plan`` counts as deletable, ``chunk`` per transaction, for at most ``budget_s``
+    seconds (None: until done); return how many were deleted."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    deleted = 0
+    while True:
+        async with conn.transaction():
+            if lock_timeout_ms is not None:
+                await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+            gone = int(await conn.fetchval(
+                f"""WITH gone AS (
+                        DELETE FROM {ident(table)} WHERE id = ANY(ARRAY(
+                            SELECT id FROM {ident(table)} WHERE {_PURGEABLE} ORDER BY created_at LIMIT $4))
+                        RETURNING 1)
+                    SELECT count(*) FROM gone""",
+                before, keep_pending_after, list(reasons) or None, chunk))
+        deleted += gone
+        if gone < chunk or (deadline is not None and time.monotonic() >= deadline):
+            return deleted

@@ -8,7 +8,9 @@ Rules kept here:
 - The SSL context is built anew for each call (``ingest.security.kafka_security``), so a rotated certificate file
   is picked up by the next client.
 - Consumers never auto-commit (progress lives in Postgres; aiokafka's default is to auto-commit); producers wait
-  for every in-sync replica (``acks="all"``). Callers add what is particular to them.
+  for every in-sync replica (``acks="all"``; with the topics' ``min.insync.replicas`` of 2, an acknowledged event
+  is on two brokers) and are idempotent unless ``config.producer_idempotence`` is off (their own retries then
+  neither duplicate nor reorder a partition). Callers add what is particular to them.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ def consumer(config: Config, *, client_id: str, **options: Any) -> dict[str, Any
 
 
 def producer(config: Config, *, client_id: str, **options: Any) -> dict[str, Any]:
-    """``AIOKafkaProducer`` options: ``common`` plus ``acks="all"`` plus ``options``."""
-    return _with(common(config, client_id=client_id), {"acks": "all", **options})
+    """``AIOKafkaProducer`` options: ``common`` plus ``acks="all"`` and ``enable_idempotence`` (from the config)
+    plus ``options``."""
+    return _with(common(config, client_id=client_id),
+                 {"acks": "all", "enable_idempotence": config.producer_idempotence, **options})
 
 
 def admin(config: Config, *, client_id: str, **options: Any) -> dict[str, Any]:

@@ -14,6 +14,8 @@ Rules kept here:
 - The dedupe ledger (optional ``ledger``) loses keys older than its window, in chunks of ``chunk`` rows per
   transaction and at most ``budget_s`` seconds per round (the next round goes on). A key past the window already
   counts as new when it comes again, so deleting it changes no verdict; it only stops the ledger growing forever.
+- Dead letters (optional ``dead_letters``) older than their retention are deleted the same way (``ingest.dlq.purge``:
+  replayed or not, but never one younger than the retention).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import IO, TYPE_CHECKING, NamedTuple
 
 import asyncpg
 
-from ingest import partitions
+from ingest import dlq, partitions
 from ingest.metrics import Metrics
 from ingest.partitions import Partition
 from ingest.sql import ident
@@ -65,6 +67,15 @@ class LedgerPolicy(NamedTuple):
     budget_s: float = 10.0
 
 
+class DeadLetterPolicy(NamedTuple):
+    """Retention of dead letters: entries created more than ``retention`` ago are deleted."""
+
+    table: str
+    retention: timedelta
+    chunk: int = 5000
+    budget_s: float = 10.0
+
+
 @dataclass(slots=True)
 class MaintenanceReport:
     """What one round did (or, with ``dry_run``, would do). Names are partition table names."""
@@ -77,6 +88,7 @@ class MaintenanceReport:
     exported: list[str] = field(default_factory=list)
     default_rows: dict[str, int] = field(default_factory=dict)
     ledger_pruned: int = 0  # expired ledger keys deleted (with ``dry_run``: how many are expired)
+    dead_letters_pruned: int = 0  # dead letters past their retention deleted (``dry_run``: how many)
     lock_timeouts: int = 0
     errors: list[str] = field(default_factory=list)
     skipped: bool = False  # another process held the maintenance lock
@@ -104,9 +116,11 @@ class Maintenance:
         metrics: Metrics | None = None,
         lock_key: int = LOCK_KEY,
         ledger: LedgerPolicy | None = None,
+        dead_letters: DeadLetterPolicy | None = None,
     ) -> None:
         self.pool = pool
         self.ledger = ledger
+        self.dead_letters = dead_letters
         self.tables = [TablePolicy(*t) for t in tables]
         for t in self.tables:
             if t.granularity not in partitions.GRANULARITIES:
@@ -145,6 +159,8 @@ class Maintenance:
                     await self._table(conn, policy, report, create=create, prune=prune, dry_run=True)
                 if prune and self.ledger is not None:
                     await self._prune_ledger(conn, self.ledger, report, dry_run=True)
+                if prune and self.dead_letters is not None:
+                    await self._prune_dead_letters(conn, self.dead_letters, report, dry_run=True)
                 return report
             if not await self._lock(conn, wait_lock):
                 report.skipped = True
@@ -162,6 +178,11 @@ class Maintenance:
                         await self._prune_ledger(conn, self.ledger, report, dry_run=False)
                     except asyncpg.LockNotAvailableError:
                         self._lock_timeout(report, self.ledger.table, "prune ledger")
+                if prune and self.dead_letters is not None:
+                    try:
+                        await self._prune_dead_letters(conn, self.dead_letters, report, dry_run=False)
+                    except asyncpg.LockNotAvailableError:
+                        self._lock_timeout(report, self.dead_letters.table, "prune dead letters")
             finally:
                 # A dead connection holds no lock; a live one is also reset (unlock_all) by the pool on release.
                 with contextlib.suppress(Exception):
@@ -169,10 +190,12 @@ class Maintenance:
         if self.metrics:
             self.metrics.runs.labels("ok").inc()
             self.metrics.last_success.set(time.time())
-        if report.created or report.detached or report.ledger_pruned or report.lock_timeouts or report.errors:
+        if (report.created or report.detached or report.ledger_pruned or report.dead_letters_pruned
+                or report.lock_timeouts or report.errors):
             log.info("partition maintenance", extra={
                 "created": report.created, "dropped": report.dropped, "archived": report.archived,
                 "exported": report.exported, "ledger_pruned": report.ledger_pruned,
+                "dead_letters_pruned": report.dead_letters_pruned,
                 "lock_timeouts": report.lock_timeouts, "errors": report.errors})
         return report
 
@@ -241,6 +264,18 @@ class Maintenance:
                 self.metrics.ledger_pruned.inc(deleted)
             if deleted < policy.chunk or time.monotonic() >= deadline:
                 return
+
+    async def _prune_dead_letters(self, conn: Conn, policy: DeadLetterPolicy, report: MaintenanceReport, *,
+                                  dry_run: bool) -> None:
+        """Delete dead letters created more than ``policy.retention`` ago, ``chunk`` per transaction."""
+        cutoff = self.clock().astimezone(UTC) - policy.retention
+        if dry_run:
+            plan = await dlq.purge_plan(conn, policy.table, before=cutoff, keep_pending_after=cutoff)
+            report.dead_letters_pruned = plan.deletable
+            return
+        report.dead_letters_pruned += await dlq.purge(
+            conn, policy.table, before=cutoff, keep_pending_after=cutoff, chunk=policy.chunk,
+            budget_s=policy.budget_s, lock_timeout_ms=self.lock_timeout_ms)
 
     def _lock_timeout(self, report: MaintenanceReport, table: str, step: str) -> None:
         report.lock_timeouts += 1

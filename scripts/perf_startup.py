@@ -42,7 +42,9 @@ async def once() -> float:
            "INGEST_REDIS_PREFIX": f"startup_{uid}", "INGEST_TOPIC_PREFIX": f"startup_{uid}.",
            "INGEST_GROUP_PREFIX": f"startup_{uid}", "INGEST_SESSION_TIMEOUT_MS": "6000",
            "INGEST_REBALANCE_TIMEOUT_MS": "1000", "INGEST_HEARTBEAT_INTERVAL_MS": "500",
-           "INGEST_METRICS_PORT": str(free_port()), "INGEST_LOG_LEVEL": "WARNING"}
+           "INGEST_METRICS_PORT": str(free_port()), "INGEST_LOG_LEVEL": "WARNING",
+           "INGEST_TOPIC_REPLICATION_FACTOR": "1", "INGEST_TOPIC_MIN_INSYNC_REPLICAS": "1",
+           "INGEST_PRODUCER_IDEMPOTENCE": "false"}
     cfg = settings.from_env(env)
     await run.run_migrations(cfg)
     await run.ensure_all_topics(cfg)

@@ -47,13 +47,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def deployment_env(uid: str, **settings: str) -> dict[str, str]:
     """Settings of an isolated test deployment: topic, group and Redis prefixes of its own (from ``uid``),
-    4 partitions, 3-day retention and fast group timeouts for the embedded broker. ``settings`` add or replace
-    (the broker, the service URLs)."""
+    4 partitions, 3-day retention and fast group timeouts for the embedded broker, which, like `ingest dev up`,
+    gets single-replica topics and non-idempotent producers (it has no InitProducerId). ``settings`` add or
+    replace (the broker, the service URLs)."""
     return {
         "INGEST_REDIS_PREFIX": uid,
         "INGEST_TOPIC_PREFIX": f"{uid}.",
         "INGEST_GROUP_PREFIX": f"g_{uid}",
         "INGEST_TOPIC_PARTITIONS": "4",
+        "INGEST_TOPIC_REPLICATION_FACTOR": "1",
+        "INGEST_TOPIC_MIN_INSYNC_REPLICAS": "1",
+        "INGEST_PRODUCER_IDEMPOTENCE": "false",
         "INGEST_RETENTION_DAYS": "3",
         "INGEST_PARTITION_PREMAKE_DAYS": "2",
         "INGEST_SESSION_TIMEOUT_MS": "6000",

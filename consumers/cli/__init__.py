@@ -11,7 +11,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+import asyncpg
+
 from consumers import settings
+from consumers.cli import pg_errors
 from consumers.cli.commands import COMMAND_MODULES
 from ingest import logs
 from ingest.services import ServiceUnavailable
@@ -45,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServiceUnavailable as exc:
         print(f"ingest: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except asyncpg.PostgresError as exc:
+        print(f"ingest: {pg_errors.one_line(exc, config)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -202,7 +202,8 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         base, database_url=with_database(base.database_url, db), topic_prefix=f"bench_{uid}.",
         group_prefix=f"bench_{uid}", redis_prefix=f"bench_{uid}", topic_partitions=opts.partitions,
         metrics_port=0, maintenance_database_url="", session_timeout_ms=min(base.session_timeout_ms, 6000),
-        rebalance_timeout_ms=min(base.rebalance_timeout_ms, 1000), heartbeat_interval_ms=500)
+        rebalance_timeout_ms=min(base.rebalance_timeout_ms, 1000), heartbeat_interval_ms=500,
+        producer_idempotence=False)  # the load generator: duplicates are what ingest dedupes; dev brokers lack it
     stream = streams.STREAMS[opts.stream]
     topic = stream.topic_for(config)
     try:

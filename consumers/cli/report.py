@@ -58,9 +58,11 @@ async def demo(config: Config, *, events: int, n_tenants: int) -> int:
     """Migrate, ensure topics, publish a sample with retries and bad input, drain, and print the result.
 
     The demo runs with short group timeouts so that it starts in seconds on the embedded broker, which waits out
-    the full timeouts when a group forms."""
+    the full timeouts when a group forms, and like `ingest dev up` with single-replica topics and without producer
+    idempotence, which the embedded broker lacks."""
     config = dataclasses.replace(config, session_timeout_ms=6000, rebalance_timeout_ms=1000,
-                                 heartbeat_interval_ms=500, metrics_port=0)
+                                 heartbeat_interval_ms=500, metrics_port=0, producer_idempotence=False,
+                                 topic_replication_factor=1, topic_min_insync_replicas=1)
     await run.run_migrations(config)
     await run.ensure_all_topics(config)
     from tqdm import tqdm  # only the demo draws a progress bar

@@ -49,6 +49,26 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
         from_env({name: value})
 
 
+def test_production_durability_defaults() -> None:
+    """Topics survive one broker loss without losing acknowledged events; producers are idempotent; dead letters
+    do not grow forever."""
+    cfg = from_env({})
+    assert (cfg.topic_replication_factor, cfg.topic_min_insync_replicas) == (3, 2)
+    assert cfg.producer_idempotence is True
+    assert cfg.dlq_retention == timedelta(days=30)
+    dev = from_env({"INGEST_TOPIC_REPLICATION_FACTOR": "1", "INGEST_TOPIC_MIN_INSYNC_REPLICAS": "1",
+                    "INGEST_PRODUCER_IDEMPOTENCE": "false", "INGEST_DLQ_RETENTION_DAYS": "0"})
+    assert (dev.topic_replication_factor, dev.topic_min_insync_replicas, dev.producer_idempotence) == (1, 1, False)
+    assert dev.dlq_retention == timedelta(0)
+
+
+def test_min_insync_replicas_above_the_replication_factor_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"INGEST_TOPIC_MIN_INSYNC_REPLICAS=2 .* INGEST_TOPIC_REPLICATION_FACTOR"):
+        from_env({"INGEST_TOPIC_REPLICATION_FACTOR": "1"})
+    with pytest.raises(SettingsError, match="INGEST_TOPIC_REPLICATION_FACTOR"):
+        from_env({"INGEST_TOPIC_REPLICATION_FACTOR": "0"})
+
+
 def test_config_is_frozen() -> None:
     cfg = from_env({})
     with pytest.raises(AttributeError):

@@ -27,7 +27,8 @@ INGEST_IMAGE = "ingest"  # compose image ingest:local, k8s image ingest:<tag> or
 
 INGEST_ENV = {
     "INGEST_KAFKA_BOOTSTRAP": "kafka:9092",
-    "INGEST_DATABASE_URL": "postgresql://ingest:ingest@postgres:5432/ingest",
+    # The consumers' URL is the writer role's (docs/security.md); migrate differs in its maintenance URL only.
+    "INGEST_DATABASE_URL": "postgresql://ingest_writer:writer-dev-password@postgres:5432/ingest",
     "INGEST_REDIS_URL": "redis://redis:6379/0",
     "INGEST_METRICS_HOST": "0.0.0.0",
 }
@@ -153,6 +154,14 @@ def build_cli_parser():
 
 def subcommands(parser) -> dict:
     return parser._subparsers._group_actions[0].choices
+
+
+MEASURED_PEAK_RSS_MIB = 270  # the highest peak RSS measured for one consumer draining a 1M backlog (now 165.2 MiB)
+
+
+def _mib(quantity: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)(Ki|Mi|Gi)?", quantity).groups()  # type: ignore[union-attr]
+    return float(number) * {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, None: 1 / 2**20}[unit]
 
 
 def duration_seconds(value: str) -> float:
@@ -357,8 +366,13 @@ def test_k8s_configmap():
     assert data["INGEST_METRICS_PORT"] == str(METRICS_PORT)
     assert data["INGEST_METRICS_HOST"] == "0.0.0.0"
     assert data["INGEST_TOPIC_PARTITIONS"] == str(DEFAULT_PARTITIONS)
-    (secret,) = k8s_objects("Secret")
+    (secret,) = [s for s in k8s_objects("Secret") if s["metadata"]["name"] == "ingest-secrets"]
     assert {"INGEST_DATABASE_URL", "INGEST_REDIS_URL"} <= set(secret.get("stringData", {}))
+    # Roles: the consumer logs in as the writer, maintenance and operator commands as the owner.
+    assert "_writer:" in secret["stringData"]["INGEST_DATABASE_URL"]
+    assert "_owner:" in secret["stringData"]["INGEST_MAINTENANCE_DATABASE_URL"]
+    # Durable topics in production.
+    assert (data["INGEST_TOPIC_REPLICATION_FACTOR"], data["INGEST_TOPIC_MIN_INSYNC_REPLICAS"]) == ("3", "2")
 
 
 def _probe_port(probe: dict, container: dict) -> int:
@@ -391,8 +405,11 @@ def test_k8s_deployment(stream):
     assert any(p["containerPort"] == METRICS_PORT and p.get("name") == "metrics" for p in container["ports"])
 
     res = container["resources"]
-    assert res["requests"]["cpu"] == "250m" and res["requests"]["memory"] == "256Mi"
-    assert res["limits"]["memory"] == "512Mi"
+    # Requests above the measured peak RSS of one consumer (at most 270 MiB, docs/performance.md), limit above both.
+    assert res["requests"]["cpu"] == "500m" and res["requests"]["memory"] == "384Mi"
+    assert res["limits"]["memory"] == "768Mi"
+    assert _mib(res["requests"]["memory"]) > MEASURED_PEAK_RSS_MIB < _mib(res["limits"]["memory"])
+    assert spec["automountServiceAccountToken"] is False
 
     pre_stop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
     assert re.fullmatch(r"sleep 5", pre_stop.strip())
@@ -400,7 +417,9 @@ def test_k8s_deployment(stream):
     assert spec["terminationGracePeriodSeconds"] >= 5 + 30
 
     env = {e["name"]: e for e in container.get("env", [])}
-    assert env["INGEST_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # Dynamic membership: a stopping pod leaves the group (docs/scaling.md); pod names never come back.
+    assert "INGEST_INSTANCE_ID" not in env
+    assert all("INGEST_INSTANCE_ID" not in {e["name"] for e in c.get("env", [])} for c in spec["initContainers"])
     assert env.get("INGEST_METRICS_HOST", {}).get("value", "0.0.0.0") == "0.0.0.0"
     refs = container["envFrom"]
     assert {r["configMapRef"]["name"] for r in refs if "configMapRef" in r} <= cm_names
@@ -418,6 +437,7 @@ def test_k8s_deployment(stream):
         if p["spec"]["selector"]["matchLabels"].items() <= labels.items()
     ]
     assert len(pdbs) == 1 and pdbs[0]["spec"]["maxUnavailable"] == 1
+    assert pdbs[0]["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     svcs = [s for s in k8s_objects("Service") if s["spec"]["selector"].items() <= labels.items()]
     assert len(svcs) == 1
     svc = svcs[0]
@@ -437,18 +457,29 @@ def test_k8s_deployment(stream):
     (trigger,) = so["spec"]["triggers"]
     assert trigger["type"] == "kafka"
     meta = trigger["metadata"]
-    assert meta["bootstrapServers"]
-    assert meta["consumerGroup"] == f"ingest.{stream}"
-    assert meta["topic"] == f"events.{stream}"
+    # KEDA reads the names from the consumer container's environment, the same values ingest uses.
+    (cm,) = k8s_objects("ConfigMap")
+    assert meta["bootstrapServersFromEnv"] == "INGEST_KAFKA_BOOTSTRAP" and cm["data"]["INGEST_KAFKA_BOOTSTRAP"]
+    assert so["spec"]["scaleTargetRef"]["envSourceContainerName"] == container["name"]
+    assert env[meta["consumerGroupFromEnv"]]["value"] == f"ingest.{stream}"
+    assert env[meta["topicFromEnv"]]["value"] == f"events.{stream}"
+    assert trigger["authenticationRef"]["name"] in {t["metadata"]["name"] for t in k8s_objects("TriggerAuthentication")}
     assert int(meta["lagThreshold"]) > 0
 
 
-def test_k8s_migrate_job():
+def test_k8s_roles_job_and_migrate_init_containers():
+    """The roles are created once by a Job (superuser URL); every consumer pod converges the schema, grants and
+    topics in init containers, which run again with each new image (a Job's template could not change)."""
     (job,) = k8s_objects("Job")
     spec = job["spec"]["template"]["spec"]
     assert spec["restartPolicy"] in {"Never", "OnFailure"}
     argvs = [argv for c in spec["containers"] for argv in ingest_argvs(c.get("command"), c.get("args"))]
-    assert ["migrate"] in argvs
+    assert [a[:3] for a in argvs] == [["migrate", "--roles", "ingest"]]
+    assert "roles-job.yaml" not in yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())["resources"]
+    for dep in k8s_objects("Deployment"):
+        init = dep["spec"]["template"]["spec"]["initContainers"]
+        assert [ingest_argvs(c.get("command"), c.get("args")) for c in init] == [
+            [["migrate", "--roles", "ingest"]], [["topics", "ensure"]]]
 
 
 def test_metrics_port_consistent_with_prometheus_scrape_config():
@@ -462,3 +493,26 @@ def test_metrics_port_consistent_with_prometheus_scrape_config():
     services = load_compose()["services"]
     for name in targets:
         assert name in services, f"prometheus scrapes unknown compose service {name}"
+
+
+def test_compose_roles():
+    """migrate creates the roles as the superuser; consumers write as the writer, maintain as the owner."""
+    compose = load_compose()
+    services = compose["services"]
+    migrate = services["migrate"]
+    assert migrate["environment"]["INGEST_MAINTENANCE_DATABASE_URL"].startswith("postgresql://postgres:")
+    (script,) = as_list(migrate["command"])
+    (roles_argv, _) = ingest_argvs_from_script(script)
+    assert roles_argv[:3] == ["migrate", "--roles", "ingest"]
+    for kind in ("owner", "writer", "reader"):
+        assert f"--{kind}-password-file" in roles_argv
+        assert f"ingest_{kind}" in migrate["secrets"]
+        secret_file = REPO / compose["secrets"][f"ingest_{kind}"]["file"]
+        password = secret_file.read_text().strip()
+        if kind != "reader":
+            url = services["consumer-webhook"]["environment"][
+                "INGEST_DATABASE_URL" if kind == "writer" else "INGEST_MAINTENANCE_DATABASE_URL"]
+            assert url.startswith(f"postgresql://ingest_{kind}:{password}@"), url
+    for stream in STREAMS:
+        env = services[f"consumer-{stream}"]["environment"]
+        assert env["INGEST_TOPIC_REPLICATION_FACTOR"] == "1"  # the Compose stack has one broker

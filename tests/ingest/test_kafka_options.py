@@ -27,6 +27,9 @@ def test_every_kind_has_the_bootstrap_security_and_client_id() -> None:
 def test_consumers_never_auto_commit_and_producers_wait_for_all_replicas() -> None:
     assert kafka_options.consumer(CONFIG, client_id="c")["enable_auto_commit"] is False
     assert kafka_options.producer(CONFIG, client_id="p")["acks"] == "all"
+    assert kafka_options.producer(CONFIG, client_id="p")["enable_idempotence"] is True  # the default
+    off = dataclasses.replace(CONFIG, producer_idempotence=False)
+    assert kafka_options.producer(off, client_id="p")["enable_idempotence"] is False
     assert "acks" not in kafka_options.admin(CONFIG, client_id="a")
 
 

@@ -31,6 +31,7 @@ REVIEWED = {
     ("ingest/dlq.py", "filters.where(params)"): "conditions with $n placeholders; values appended to params",
     ("ingest/dlq.py", "where"): "Filters.where output: $n placeholders only",
     ("ingest/dlq.py", "sendable"): "one of the two constant _SENDABLE conditions",
+    ("ingest/dlq.py", "_PURGEABLE"): "constant retention conditions with $n placeholders",
     ("ingest/roles.py", "', '.join(_KEYWORDS)"): "constant pg_roles column names",
     ("ingest/roles.py", "_options(wanted)"): "constant role attribute keywords",
     ("ingest/roles.py", "_options(changes)"): "constant role attribute keywords",

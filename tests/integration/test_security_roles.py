@@ -558,3 +558,27 @@ async def reader_checks(secured: Secured, db: asyncpg.Connection, table: str, wa
             await rd.execute("SELECT quota_overrides_bump()")
     finally:
         await rd.close()
+
+
+async def _cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumers.cli", *argv, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_operator_commands_use_the_owner_url_and_name_the_role_that_lacks_a_privilege(
+        secured: Secured) -> None:
+    """In a consumer's container (writer URL only) an operator command fails with one line naming the writer
+    and the table; with the owner's URL as INGEST_MAINTENANCE_DATABASE_URL the same command works."""
+    writer_only = {k: v for k, v in secured.env.items() if k != "INGEST_MAINTENANCE_DATABASE_URL"}
+    for argv in (("dlq", "list"), ("summary",), ("dlq", "purge", "--before", "2000-01-01")):
+        code, _, err = await _cli(writer_only, *argv)
+        assert code == 1, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert f'role "{secured.roles.writer}" (from INGEST_DATABASE_URL) lacks a privilege on table' in err, err
+        assert "INGEST_MAINTENANCE_DATABASE_URL" in err
+        code, out, err = await _cli(secured.env, *argv)
+        assert code == 0, (argv, out, err)

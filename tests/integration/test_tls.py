@@ -327,7 +327,8 @@ async def test_plain_connections_are_refused(servers: Servers) -> None:
 
     with pytest.raises(ServiceUnavailable, match="INGEST_KAFKA_SECURITY_PROTOCOL=SSL") as kafka_err:
         plain = settings.from_env({"INGEST_KAFKA_BOOTSTRAP": servers.kafka})  # PLAINTEXT to a TLS port
-        await ensure_topics(plain, ["never"], 1, request_timeout_ms=3000)
+        await ensure_topics(plain, ["never"], 1, replication_factor=1, min_insync_replicas=1,
+                            request_timeout_ms=3000)
     for err in (pg_err, redis_err, anon_err, wrong_err, kafka_err):
         assert "\n" not in str(err.value)
         _no_secret(str(err.value))
@@ -342,7 +343,8 @@ async def test_a_wrong_ca_fails_with_one_clear_line(servers: Servers, tmp_path: 
     with pytest.raises(ServiceUnavailable) as kafka_err:
         wrong_ca = settings.from_env({"INGEST_KAFKA_BOOTSTRAP": servers.kafka, "INGEST_KAFKA_SECURITY_PROTOCOL": "SSL",
                                       "INGEST_KAFKA_SSL_CA_FILE": str(other)})
-        await ensure_topics(wrong_ca, ["never"], 1, request_timeout_ms=3000)
+        await ensure_topics(wrong_ca, ["never"], 1, replication_factor=1, min_insync_replicas=1,
+                            request_timeout_ms=3000)
     for err in (pg_err, redis_err, kafka_err):
         text = str(err.value)
         assert "certificate verify failed" in text and "TLS failed: check the CA file" in text and "\n" not in text

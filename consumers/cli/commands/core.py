@@ -22,7 +22,7 @@ from consumers import run, settings, streams
 from ingest import broker
 from ingest import roles as pg_roles
 from ingest.codec import decode
-from ingest.config import Config
+from ingest.config import Config, maintenance_url
 from ingest.publisher import Publisher
 from ingest.reject import Rejected
 from ingest.services import connect_redis, create_pool, with_database
@@ -119,7 +119,8 @@ async def _topics_ensure(args: argparse.Namespace, config: Config) -> int:
     if args.partitions:
         config = _replace(config, topic_partitions=args.partitions)
     created = await run.ensure_all_topics(config)
-    print(f"topics created: {created or 'none (all present)'}")
+    print(f"topics created: {created or 'none (all present)'} (replication factor {config.topic_replication_factor}, "
+          f"min.insync.replicas {config.topic_min_insync_replicas})")
     return 0
 
 
@@ -200,13 +201,17 @@ async def _dev_up(args: argparse.Namespace, config: Config) -> int:
         _pidfile(config).write_text(str(proc.pid))
         print(f"kafka: started the embedded broker (pid {proc.pid}) on {host}:{port} (in-memory; log "
               "/tmp/ingest-broker.log)")
+        if config.producer_idempotence:
+            print("kafka: the embedded broker has no idempotent producers: export INGEST_PRODUCER_IDEMPOTENCE=false "
+                  "before `ingest publish` or `ingest dlq replay`")
     pool = await create_pool(with_database(config.database_url, "postgres"), max_size=1)
     await pool.close()
     print("postgres: reachable")
     redis = await connect_redis(config.redis_url)
     await redis.aclose()
     print("redis: reachable")
-    created = await run.ensure_all_topics(config)
+    # One embedded broker: replication factor 1 is all it can hold (production topics: `ingest topics ensure`).
+    created = await run.ensure_all_topics(_replace(config, topic_replication_factor=1, topic_min_insync_replicas=1))
     print(f"topics created: {created or 'none (all present)'}")
     return 0
 
@@ -228,7 +233,7 @@ async def _demo(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _summary(args: argparse.Namespace, config: Config) -> int:
-    pool = await create_pool(config.database_url, max_size=1)
+    pool = await create_pool(maintenance_url(config), max_size=1)
     try:
         async with pool.acquire() as conn:
             print(await report.summary(conn, config))

@@ -1,8 +1,9 @@
-"""`ingest dlq list | show | replay`: inspect dead letters and re-publish their original bytes.
+"""`ingest dlq list | show | replay | purge`: inspect dead letters, re-publish their original bytes, delete old ones.
 
 Replay sends each entry's original value and Kafka key to its ``source_topic`` and marks the entry replayed only
 after the broker acknowledged it, chunk by chunk: an interrupted replay re-sends at most one unmarked chunk, which
-the consumer drops as duplicates by idempotency key. See docs/dead-letters.md.
+the consumer drops as duplicates by idempotency key. Purge deletes entries created before a date, never an
+unreplayed one younger than ``INGEST_DLQ_RETENTION_DAYS`` (``ingest.dlq.purge``). See docs/dead-letters.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 
 from consumers import streams
 from ingest import dlq, kafka_options
-from ingest.config import Config
+from ingest.config import Config, maintenance_url
 from ingest.reject import Reason
 from ingest.services import ServiceUnavailable, create_pool, kafka_starting
 
@@ -38,7 +39,7 @@ def dead_letter_table() -> str:
 
 def register(sub: Any) -> None:
     """Add the `dlq` commands to ``sub``."""
-    parser = sub.add_parser("dlq", help="inspect and replay dead letters")
+    parser = sub.add_parser("dlq", help="inspect, replay and purge dead letters")
     dsub = parser.add_subparsers(dest="action", required=True)
 
     lst = dsub.add_parser("list", help="counts by stream and reason, then the most recent entries")
@@ -62,6 +63,17 @@ def register(sub: Any) -> None:
     replay.add_argument("--json", action="store_true", help="print the result as one JSON object")
     replay.set_defaults(handler=_replay)
 
+    purge = dsub.add_parser(
+        "purge", help="delete entries created before DATE (prints the plan; --execute deletes); never an unreplayed "
+                      "entry younger than INGEST_DLQ_RETENTION_DAYS")
+    purge.add_argument("--before", type=_date, required=True, metavar="DATE",
+                       help="created before DATE: YYYY-MM-DD (midnight UTC) or an ISO 8601 time")
+    purge.add_argument("--reason", action="append", default=[], metavar="R", choices=[r.value for r in Reason],
+                       help="only this reason code (repeatable)")
+    purge.add_argument("--execute", action="store_true", help="delete; without it nothing changes")
+    purge.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    purge.set_defaults(handler=_purge)
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -75,6 +87,14 @@ def _since(text: str) -> datetime:
         return dlq.parse_since(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _date(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD) or ISO 8601 time") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +130,7 @@ def _print_json(obj: Any) -> None:
 
 
 async def _connect(config: Config) -> asyncpg.Pool:
-    return await create_pool(config.database_url, max_size=1)
+    return await create_pool(maintenance_url(config), max_size=1)  # the owner: operators read and mark
 
 
 def _schema_missing() -> int:
@@ -260,6 +280,37 @@ async def _replay(args: argparse.Namespace, config: Config) -> int:
               + (f"; {failed} failed to send and stay pending" if failed else "")
               + (f"; {skipped} tombstones skipped (--include-tombstones re-publishes them)" if skipped else ""))
     return 1 if failed else 0
+
+
+# -- purge -----------------------------------------------------------------------------------------------------
+
+async def _purge(args: argparse.Namespace, config: Config) -> int:
+    table = dead_letter_table()
+    retention = config.dlq_retention
+    keep_after = datetime.now(UTC) - retention if retention else None
+    pool = await _connect(config)
+    try:
+        async with pool.acquire() as conn:
+            plan = await dlq.purge_plan(conn, table, before=args.before, keep_pending_after=keep_after,
+                                        reasons=args.reason)
+            deleted = await dlq.purge(conn, table, before=args.before, keep_pending_after=keep_after,
+                                      reasons=args.reason) if args.execute and plan.deletable else 0
+    except asyncpg.UndefinedTableError:
+        return _schema_missing()
+    finally:
+        await pool.close()
+    kept_why = (f"unreplayed and younger than the retention ({retention.days} days, INGEST_DLQ_RETENTION_DAYS)"
+                if retention else "unreplayed (INGEST_DLQ_RETENTION_DAYS=0 keeps them)")
+    if args.json:
+        _print_json({"before": args.before.isoformat(), "reasons": args.reason, "deletable": plan.deletable,
+                     "kept_pending": plan.kept_pending, "deleted": deleted, "executed": args.execute})
+    elif args.execute:
+        print(f"deleted {deleted} dead letters created before {args.before.isoformat()}; kept {plan.kept_pending} "
+              f"{kept_why}")
+    else:
+        print(f"would delete {plan.deletable} dead letters created before {args.before.isoformat()}; would keep "
+              f"{plan.kept_pending} {kept_why}; run again with --execute to delete")
+    return 0
 
 
 def _print_plan(args: argparse.Namespace, plan: list[dlq.PlanRow], total: int, skipped: int) -> None:

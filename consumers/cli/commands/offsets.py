@@ -20,7 +20,7 @@ import orjson
 import consumers.cli.status as status
 from consumers import streams
 from ingest import offsets
-from ingest.config import Config
+from ingest.config import Config, maintenance_url
 from ingest.redaction import redact
 from ingest.services import ServiceUnavailable
 from ingest.sql import ident
@@ -76,7 +76,7 @@ async def _log(config: Config, topic: str) -> dict[int, status.EndOffset]:
 
 
 async def _connect(config: Config) -> asyncpg.Connection:
-    conn = await status.connect_postgres(config.database_url)
+    conn = await status.connect_postgres(maintenance_url(config))
     if await conn.fetchval("SELECT to_regclass($1)", ident(streams.shared_tables().offset_changes)) is None:
         await conn.close()
         raise ServiceUnavailable("postgres", redact(config.database_url), "schema missing: run `ingest migrate` first")

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from consumers import quotas, streams
-from ingest.config import Config
+from ingest.config import Config, maintenance_url
 from ingest.quota import Limits, Override
 from ingest.services import connect_redis, create_pool
 
@@ -63,7 +63,7 @@ async def _set(args: argparse.Namespace, config: Config) -> int:
     if args.per_second is None and args.burst is None and args.per_day is None:
         print("ingest: quota set: give at least one of --per-second, --burst, --per-day", file=sys.stderr)
         return 2
-    pool = await create_pool(config.database_url, max_size=1)
+    pool = await create_pool(maintenance_url(config), max_size=1)
     try:
         async with pool.acquire() as conn:
             row = await quotas.set_override(conn, args.tenant, stream=args.stream, per_second=args.per_second,
@@ -79,7 +79,7 @@ async def _set(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _unset(args: argparse.Namespace, config: Config) -> int:
-    pool = await create_pool(config.database_url, max_size=1)
+    pool = await create_pool(maintenance_url(config), max_size=1)
     try:
         async with pool.acquire() as conn:
             removed = await quotas.clear_override(conn, args.tenant, stream=args.stream)
@@ -113,7 +113,7 @@ async def _list(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _show(config: Config, tenant: str | None) -> int:
-    pool = await create_pool(config.database_url, max_size=1)
+    pool = await create_pool(maintenance_url(config), max_size=1)
     try:
         redis = await connect_redis(config.redis_url)
         try:

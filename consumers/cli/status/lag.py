@@ -10,7 +10,7 @@ import asyncpg
 from consumers.cli.status.kafka import EndOffset, end_offsets
 from consumers.cli.status.postgres import connect_postgres, stored_offsets
 from consumers.streams import Stream
-from ingest.config import Config
+from ingest.config import Config, maintenance_url
 from ingest.offsets import UNSET
 from ingest.redaction import redact
 from ingest.services import ServiceUnavailable
@@ -51,7 +51,7 @@ async def lag_report(config: Config, selected: Sequence[Stream], *,
     """Per stream and partition: end offset, stored offset, lag. Raises ``ServiceUnavailable``."""
     ends = await end_offsets(config, [s.topic_for(config) for s in selected])
     own = conn is None
-    db = conn or await connect_postgres(config.database_url)
+    db = conn or await connect_postgres(maintenance_url(config))
     try:
         out: dict[str, Any] = {}
         for s in selected:

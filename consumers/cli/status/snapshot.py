@@ -16,7 +16,7 @@ from consumers.cli.status.kafka import EndOffset, end_offsets, group_members
 from consumers.cli.status.lag import partition_row
 from consumers.cli.status.postgres import activity, connect_postgres, coverage, stored_offsets
 from consumers.streams import Stream
-from ingest.config import Config, PartitionConfig
+from ingest.config import Config, PartitionConfig, maintenance_url
 from ingest.maintenance import TablePolicy
 from ingest.redaction import redact, redact_text
 from ingest.services import ServiceUnavailable
@@ -36,7 +36,7 @@ def _down(where: str, exc: BaseException) -> dict[str, Any]:
 async def _postgres_part(config: Config, selected: Sequence[Stream], policies_: Sequence[TablePolicy],
                          now: datetime) -> tuple[dict[str, Any], dict[str, Any]]:
     where = redact(config.database_url)
-    conn = await connect_postgres(config.database_url)
+    conn = await connect_postgres(maintenance_url(config))
     try:
         _, latency = await _timed(conn.fetchval("SELECT 1"))
         tls = bool(await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"))
