@@ -27,6 +27,7 @@ from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits, NulPolicy
 from ingest.config import BatchLimits, Config, DedupeConfig, KafkaSecurity, PartitionConfig, QuotaConfig
 from ingest.contract import TimeWindow
+from ingest.logs import FORMATS
 from ingest.partitions import GRANULARITIES
 from ingest.redaction import redact
 from ingest.security import PROTOCOLS, SecurityError, check_database_url, check_kafka, check_redis_url
@@ -113,6 +114,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_MAX_POLL_INTERVAL_MS", "300000", "Kafka max poll interval."),
     Setting("INGEST_SHUTDOWN_TIMEOUT_S", "25", "On SIGTERM, the in-flight batch gets this long before it is abandoned."),
     Setting("INGEST_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting("INGEST_LOG_FORMAT", "auto", "`auto`: one human line per event on a terminal, one JSON object per line otherwise; `json` or `text` to choose. Timestamps are ISO-8601 UTC in both."),
+    Setting("INGEST_DEV_DIR", ".ingest-dev", "Where `ingest dev up` keeps the embedded services' data, logs and the record of what it started (relative to the working directory); see docs/development.md."),
 )
 
 
@@ -255,6 +258,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         max_poll_interval_ms=get("INGEST_MAX_POLL_INTERVAL_MS", positive),
         shutdown_timeout_s=get("INGEST_SHUTDOWN_TIMEOUT_S", float),
         log_level=get("INGEST_LOG_LEVEL", choice(("DEBUG", "INFO", "WARNING", "ERROR"))),
+        log_format=get("INGEST_LOG_FORMAT", choice(FORMATS)),
+        dev_dir=get("INGEST_DEV_DIR"),
         quota=QuotaConfig(
             default_per_second=get("INGEST_QUOTA_DEFAULT_PER_SECOND", rate),
             default_burst=get("INGEST_QUOTA_DEFAULT_BURST", non_negative),

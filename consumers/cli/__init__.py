@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings.SettingsError as exc:
         print(f"ingest: {exc}", file=sys.stderr)
         return 2
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, config.log_format)
     try:
         return int(asyncio.run(args.handler(args, config)) or 0)
     except ServiceUnavailable as exc:
