@@ -1,4 +1,4 @@
-"""Core commands: migrate, topics, consume, publish, dev, demo, summary."""
+"""Core commands: migrate, topics, consume, publish, demo, summary."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import sys
 from datetime import UTC, datetime
@@ -19,13 +18,12 @@ import orjson
 
 import consumers.cli.report as report
 from consumers import run, settings, streams
-from ingest import broker
 from ingest import roles as pg_roles
 from ingest.codec import decode
 from ingest.config import Config
 from ingest.publisher import Publisher
 from ingest.reject import Rejected
-from ingest.services import connect_redis, create_pool, with_database
+from ingest.services import create_pool
 
 log = logging.getLogger("ingest.cli")
 EXIT_CIRCUIT_OPEN = 4
@@ -65,13 +63,6 @@ def register(sub: Any) -> None:
     publish.add_argument("--stream", choices=list(streams.STREAMS), required=True)
     publish.add_argument("file", help="a JSON Lines file, or - for standard input")
     publish.set_defaults(handler=_publish)
-
-    dev = sub.add_parser("dev", help="embedded development services")
-    dev_sub = dev.add_subparsers(dest="action", required=True)
-    dev_sub.add_parser("up", help="start the embedded broker on INGEST_KAFKA_BOOTSTRAP, check Postgres and Redis, "
-                                  "create topics").set_defaults(handler=_dev_up)
-    dev_sub.add_parser("down", help="stop the embedded broker started by `ingest dev up`").set_defaults(
-        handler=_dev_down)
 
     demo = sub.add_parser("demo", help="publish a realistic sample, drain it, and print what landed where")
     demo.add_argument("--events", type=int, default=2000, help="events per stream (default 2000)")
@@ -185,42 +176,6 @@ async def _publish(args: argparse.Namespace, config: Config) -> int:
         print(f"... and {len(refused) - 100} more refused lines", file=sys.stderr)
     print(f"published {sent} events to {stream.topic_for(config)}; refused {len(refused)} lines")
     return 1 if refused else 0
-
-
-def _pidfile(config: Config) -> Path:
-    return Path("/tmp") / f"ingest-broker-{config.kafka_bootstrap.replace(':', '-').replace(',', '_')}.pid"
-
-
-async def _dev_up(args: argparse.Namespace, config: Config) -> int:
-    host, _, port = config.kafka_bootstrap.split(",")[0].rpartition(":")
-    if broker.listening(host, int(port)):
-        print(f"kafka: something already listens on {host}:{port}; using it")
-    else:
-        proc = broker.start_embedded(host, int(port), log_path="/tmp/ingest-broker.log")
-        _pidfile(config).write_text(str(proc.pid))
-        print(f"kafka: started the embedded broker (pid {proc.pid}) on {host}:{port} (in-memory; log "
-              "/tmp/ingest-broker.log)")
-    pool = await create_pool(with_database(config.database_url, "postgres"), max_size=1)
-    await pool.close()
-    print("postgres: reachable")
-    redis = await connect_redis(config.redis_url)
-    await redis.aclose()
-    print("redis: reachable")
-    created = await run.ensure_all_topics(config)
-    print(f"topics created: {created or 'none (all present)'}")
-    return 0
-
-
-async def _dev_down(args: argparse.Namespace, config: Config) -> int:
-    pidfile = _pidfile(config)
-    if not pidfile.exists():
-        print("no embedded broker started by `ingest dev up`")
-        return 0
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(int(pidfile.read_text()), signal.SIGTERM)
-    pidfile.unlink()
-    print("embedded broker stopped")
-    return 0
 
 
 async def _demo(args: argparse.Namespace, config: Config) -> int:
