@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test quick lint services clean
+.PHONY: setup demo test quick lint tools clean
 
 $(BIN)/ingest: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,20 +13,23 @@ $(BIN)/ingest: pyproject.toml
 
 setup: $(BIN)/ingest ## create .venv with ingest and its dev tools
 
-demo: setup ## embedded broker + migrate + publish a sample + drain + summary
-	scripts/ensure-services
+demo: setup ## start what does not answer on this machine (ingest dev up) + migrate + publish a sample + drain + summary
 	$(BIN)/ingest dev up
 	$(BIN)/ingest demo
 
-test: setup ## lint, then unit, integration and fault-injection tests (starts Postgres/Redis when they are down)
-	scripts/ensure-services
+test: setup ## lint, then unit, integration and fault-injection tests (starts Postgres/Redis when they do not answer)
+	$(BIN)/ingest dev up postgres redis
+	@if [ -n "$$CI" ]; then scripts/install-promtool $(BIN); fi
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest --faults
 
 quick: setup ## unit and integration tests only (no lint, no fault-injection suite)
-	scripts/ensure-services
+	$(BIN)/ingest dev up postgres redis
 	$(BIN)/pytest
+
+tools: setup ## promtool into .venv/bin, for the alert-rule tests (Debian/Ubuntu; otherwise they skip)
+	scripts/install-promtool $(BIN)
 
 lint: setup
 	$(BIN)/ruff check .
