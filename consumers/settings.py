@@ -271,6 +271,26 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     )
 
 
+SECRET_SETTINGS = frozenset(s.env for s in SETTINGS if s.env.endswith("PASSWORD"))
+"""Settings whose value is a secret: ``effective`` shows them as ``***``."""
+
+
+def effective(env: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """Every setting's value as the process uses it, shown safely: each as ``{"name", "value", "source"}`` where
+    ``source`` is ``environment``, ``file`` (``NAME_FILE``) or ``default``; secrets are ``***`` and URL
+    passwords masked (``ingest.redaction``). The content of a ``_FILE`` secret is never shown."""
+    source = os.environ if env is None else env
+    out = []
+    for s in SETTINGS:
+        value = _value(source, s.env)
+        origin = ("file" if source.get(f"{s.env}_FILE") else "environment") if value else "default"
+        shown = value or s.default
+        if s.env in SECRET_SETTINGS and value:
+            shown = "***"
+        out.append({"name": s.env, "value": redact(shown), "source": origin})
+    return out
+
+
 def _value(source: Mapping[str, str], name: str) -> str:
     """``source[name]``, or the content of the file named by ``source[name + "_FILE"]``."""
     value, path = source.get(name) or "", source.get(f"{name}_FILE") or ""

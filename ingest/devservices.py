@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import importlib.util
-import ipaddress
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ingest import broker
+from ingest.services import is_loopback
 
 SERVICES = ("postgres", "redis", "kafka")
 STATE_FILE = "started.json"
@@ -74,16 +74,6 @@ def address_of(service: str, setting: str) -> Address:
     parts = urlsplit(setting)
     default_port = 5432 if service == "postgres" else 6379
     return Address(service, parts.hostname or "127.0.0.1", parts.port or default_port)
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ``::1``: addresses that can only mean this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def answering(address: Address) -> bool:
