@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import orjson
 from pythonjsonlogger.json import JsonFormatter
 
 CHATTY = ("aiokafka",)  # libraries that log every reconnect attempt
@@ -82,7 +83,7 @@ class Human(logging.Formatter):
         level = _SHORT.get(record.levelname, record.levelname)
         name = record.name.removeprefix("ingest.")
         fields = " ".join(f"{k}={_show(v)}" for k, v in extra_fields(record).items())
-        line = f"{iso_utc(record.created)} {level:<5} {name:<10} {record.getMessage()}"
+        line = f"{iso_utc(record.created)} {level:<5} {name:<12} {record.getMessage()}"
         if fields:
             line += f"  {fields}"
         if record.exc_info:
@@ -94,6 +95,13 @@ _SHORT = {"WARNING": "WARN", "CRITICAL": "CRIT"}
 
 
 def _show(value: Any) -> str:
+    """A field value for a person: lists and mappings as compact JSON (``[0,1,2]``, ``{"not_json":1}``), runs of
+    consecutive integers as ``0-11``, text with spaces quoted."""
+    if isinstance(value, (list, tuple)) and len(value) > 2 and all(type(v) is int for v in value) and list(value) == \
+            list(range(value[0], value[0] + len(value))):
+        return f"{value[0]}-{value[-1]}"
+    if isinstance(value, (list, tuple, dict)):
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS, default=str).decode()
     text = str(value)
     return repr(text) if (" " in text or not text) else text
 

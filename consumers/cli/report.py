@@ -8,8 +8,6 @@ import random
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 import consumers.cli.sample as sample
 from consumers import run, streams
 from ingest.config import Config
@@ -98,5 +96,6 @@ async def demo(config: Config, *, events: int, n_tenants: int) -> int:
             print(await summary(conn, config))
     finally:
         await pool.close()
-    print(orjson.dumps({"published": published}).decode())
+    print("next: `ingest status --once` (the operator's view), `ingest dlq list` (the dead letters and why), "
+          "`ingest dev down` (stop what `ingest dev up` started)")
     return 0

@@ -75,10 +75,11 @@ def _formatted(fmt: logging.Formatter, **extra: object) -> str:
 def test_human_lines_carry_utc_time_level_message_and_fields() -> None:
     from ingest.logs import Human
 
-    line = _formatted(Human(), stream="webhook", rows=5000, reason="two words")
-    assert line.startswith("2026-01-31T12:00:00.123Z INFO  consumer ")
+    line = _formatted(Human(), stream="webhook", rows=5000, reason="two words", partitions=list(range(12)),
+                     by={"a": 1})
+    assert line.startswith("2026-01-31T12:00:00.123Z INFO  consumer     batch stored  ")
     assert "batch stored" in line
-    assert line.endswith("stream=webhook rows=5000 reason='two words'")
+    assert line.endswith("stream=webhook rows=5000 reason='two words' partitions=0-11 by={\"a\":1}")
     assert "\n" not in line
 
 
