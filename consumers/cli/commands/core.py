@@ -148,7 +148,12 @@ async def _consume(args: argparse.Namespace, config: Config) -> int:
             return 1
     stopper.cancel()
     totals = task.result()
-    print(orjson.dumps({name: vars_of(t) for name, t in totals.items()}).decode())
+    if sys.stdout.isatty():  # a person: one line per stream; otherwise one JSON document for scripts
+        for name, t in totals.items():
+            print(f"{name}: stored {t.stored}, duplicates {t.duplicates}, rejected {t.rejected}, over quota "
+                  f"{t.quota_exceeded}, batches {t.batches}")
+    else:
+        print(orjson.dumps({name: vars_of(t) for name, t in totals.items()}).decode())
     stopped = {t.stop_kind: t.stopped_by for t in totals.values() if t.stop_kind}
     for kind, why in stopped.items():
         print(f"ingest: {'circuit breaker' if kind == 'circuit_open' else 'log mismatch'}: {why}", file=sys.stderr)
