@@ -77,7 +77,8 @@ class Json(JsonFormatter):
 
 class Human(logging.Formatter):
     """One line per event for a person: ``2026-01-31T12:00:00.123Z INFO  consumer   batch stored  stream=webhook
-    rows=5000``. Exceptions follow on their own lines."""
+    rows=5000``. Tracebacks of ingest's own errors follow on their own lines; a library's (aiokafka logs its
+    connection errors with one) is shortened to ``error='ValueError: ...'``."""
 
     def format(self, record: logging.LogRecord) -> str:
         level = _SHORT.get(record.levelname, record.levelname)
@@ -86,8 +87,12 @@ class Human(logging.Formatter):
         line = f"{iso_utc(record.created)} {level:<5} {name:<12} {record.getMessage()}"
         if fields:
             line += f"  {fields}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[1] is not None:
+            if record.name.startswith("ingest"):
+                line += "\n" + self.formatException(record.exc_info)
+            else:  # a library's traceback is its own business: one line here, in full in JSON
+                exc = record.exc_info[1]
+                line += f"  error={_show(f'{type(exc).__name__}: {exc}')}"
         return line
 
 

@@ -84,6 +84,7 @@ class ServiceUnavailable(Exception):
         detail = redact_text(" ".join((error if isinstance(error, str) else _describe(error)).split()))
         super().__init__(f"{service} is unreachable at {redact(where)} ({detail}); {_hint(service, where, error)}")
         self.service = service
+        self.detail = detail
 
 
 def _describe(error: BaseException) -> str:

@@ -107,3 +107,18 @@ def test_format_follows_the_setting_and_the_terminal() -> None:
     assert isinstance(choose("auto", io.StringIO()), Json)
     assert isinstance(choose("json", Tty()), Json)
     assert isinstance(choose("text", io.StringIO()), Human)
+
+
+def test_human_lines_shorten_library_tracebacks_and_keep_ours() -> None:
+    import sys
+
+    from ingest.logs import Human
+
+    try:
+        raise ValueError("Buffer underrun decoding string")
+    except ValueError:
+        info = sys.exc_info()
+    lib = logging.LogRecord("aiokafka.conn", logging.ERROR, __file__, 1, "Unexpected exception", None, info)
+    ours = logging.LogRecord("ingest.consumer", logging.ERROR, __file__, 1, "batch failed", None, info)
+    assert Human().format(lib).endswith("Unexpected exception  error='ValueError: Buffer underrun decoding string'")
+    assert "Traceback (most recent call last)" in Human().format(ours)
