@@ -119,7 +119,11 @@ def running(entry: Started) -> bool:
     if not cmdline.exists():  # no /proc (macOS): the pid is all there is
         return True
     with contextlib.suppress(OSError):
-        return Path(entry.program).name.encode() in cmdline.read_bytes() and _not_zombie(entry.pid)
+        same = Path(entry.program).name.encode() in cmdline.read_bytes().split(b"\0")[0]
+        if not same:
+            with contextlib.suppress(OSError):
+                same = Path(f"/proc/{entry.pid}/exe").resolve() == Path(entry.program).resolve()
+        return same and _not_zombie(entry.pid)
     return False
 
 
