@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test quick lint services clean
+.PHONY: setup demo test quick lint tools clean
 
 $(BIN)/ingest: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,21 +13,24 @@ $(BIN)/ingest: pyproject.toml
 
 setup: $(BIN)/ingest ## create .venv with ingest and its dev tools
 
-demo: setup ## embedded broker + migrate + publish a sample + drain + summary
-	scripts/ensure-services
+demo: setup ## start what does not answer on this machine (ingest dev up) + migrate + publish a sample + drain + summary
 	$(BIN)/ingest dev up
 	$(BIN)/ingest demo
 
-test: setup ## lint, then unit, integration and fault-injection tests (starts Postgres/Redis when they are down)
-	scripts/ensure-services
+test: setup ## lint, then unit, integration and fault-injection tests (starts Postgres/Redis when they do not answer)
+	$(BIN)/ingest dev up postgres redis
+	@if [ -n "$$CI" ]; then scripts/install-test-tools $(BIN); fi
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest --faults
 	scripts/lowest-deps  # unit tests on the lowest dependency versions pyproject.toml allows (.venv-lowest)
+	$(BIN)/pytest --faults
 
 quick: setup ## unit and integration tests only (no lint, no fault-injection suite)
-	scripts/ensure-services
+	$(BIN)/ingest dev up postgres redis
 	$(BIN)/pytest
+
+tools: setup ## promtool into .venv/bin and the CRD validators into tests/deploy/crd (the deploy-file tests)
+	scripts/install-test-tools $(BIN)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -27,6 +27,7 @@ from ingest.breaker import BreakerConfig
 from ingest.codec import DecodeLimits, NulPolicy
 from ingest.config import BatchLimits, Config, DedupeConfig, KafkaSecurity, PartitionConfig, QuotaConfig
 from ingest.contract import TimeWindow
+from ingest.logs import FORMATS
 from ingest.partitions import GRANULARITIES
 from ingest.redaction import redact
 from ingest.security import PROTOCOLS, SecurityError, check_database_url, check_kafka, check_redis_url
@@ -117,6 +118,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_MAX_POLL_INTERVAL_MS", "300000", "Kafka max poll interval."),
     Setting("INGEST_SHUTDOWN_TIMEOUT_S", "25", "On SIGTERM, the in-flight batch gets this long before it is abandoned."),
     Setting("INGEST_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting("INGEST_LOG_FORMAT", "auto", "`auto`: one human line per event on a terminal, one JSON object per line otherwise; `json` or `text` to choose. Timestamps are ISO-8601 UTC in both."),
+    Setting("INGEST_DEV_DIR", ".ingest-dev", "Where `ingest dev up` keeps the embedded services' data, logs and the record of what it started (relative to the working directory); see docs/development.md."),
 )
 
 
@@ -268,6 +271,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         max_poll_interval_ms=get("INGEST_MAX_POLL_INTERVAL_MS", positive),
         shutdown_timeout_s=get("INGEST_SHUTDOWN_TIMEOUT_S", float),
         log_level=get("INGEST_LOG_LEVEL", choice(("DEBUG", "INFO", "WARNING", "ERROR"))),
+        log_format=get("INGEST_LOG_FORMAT", choice(FORMATS)),
+        dev_dir=get("INGEST_DEV_DIR"),
         quota=QuotaConfig(
             default_per_second=get("INGEST_QUOTA_DEFAULT_PER_SECOND", rate),
             default_burst=get("INGEST_QUOTA_DEFAULT_BURST", non_negative),
@@ -277,6 +282,26 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         ),
         kafka_security=kafka_security,
     )
+
+
+SECRET_SETTINGS = frozenset(s.env for s in SETTINGS if s.env.endswith("PASSWORD"))
+"""Settings whose value is a secret: ``effective`` shows them as ``***``."""
+
+
+def effective(env: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """Every setting's value as the process uses it, shown safely: each as ``{"name", "value", "source"}`` where
+    ``source`` is ``environment``, ``file`` (``NAME_FILE``) or ``default``; secrets are ``***`` and URL
+    passwords masked (``ingest.redaction``). The content of a ``_FILE`` secret is never shown."""
+    source = os.environ if env is None else env
+    out = []
+    for s in SETTINGS:
+        value = _value(source, s.env)
+        origin = ("file" if source.get(f"{s.env}_FILE") else "environment") if value else "default"
+        shown = value or s.default
+        if s.env in SECRET_SETTINGS and value:
+            shown = "***"
+        out.append({"name": s.env, "value": redact(shown), "source": origin})
+    return out
 
 
 def _value(source: Mapping[str, str], name: str) -> str:

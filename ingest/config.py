@@ -111,6 +111,8 @@ class Config:
     max_poll_interval_ms: int
     shutdown_timeout_s: float
     log_level: str
+    log_format: str  # ingest.logs.FORMATS
+    dev_dir: str  # where `ingest dev up` keeps its services' data (consumers.cli.dev)
     quota: QuotaConfig
     kafka_security: KafkaSecurity
 

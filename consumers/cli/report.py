@@ -6,9 +6,7 @@ import asyncio
 import dataclasses
 import random
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
-
-import orjson
+from typing import TYPE_CHECKING, Any
 
 import consumers.cli.sample as sample
 from consumers import run, streams
@@ -33,24 +31,34 @@ HOSTILE: list[bytes | None] = [
 ]
 
 
-async def summary(conn: Conn, config: Config) -> str:
-    """Rows per table, dedupe ledger size, dead letters by reason, stored offsets."""
-    lines = ["landed:"]
+async def summary_doc(conn: Conn) -> dict[str, Any]:
+    """What ``summary`` shows, as one JSON-ready document."""
+    tables = {}
     for s in streams.STREAMS.values():
-        n = await conn.fetchval(f"SELECT count(*) FROM {ident(s.table)}")
-        tenants = await conn.fetchval(f"SELECT count(DISTINCT tenant_id) FROM {ident(s.table)}")
-        lines.append(f"  {s.table:<16} {n:>9} rows from {tenants} tenants")
+        row = await conn.fetchrow(f"SELECT count(*), count(DISTINCT tenant_id) FROM {ident(s.table)}")
+        assert row is not None
+        tables[s.table] = {"rows": row[0], "tenants": row[1]}
     shared = streams.shared_tables()
     ledger = await conn.fetch(f"SELECT stream, count(*) FROM {ident(shared.ledger)} GROUP BY stream ORDER BY stream")
-    lines.append("  dedupe ledger    " + ", ".join(f"{r[0]}={r[1]}" for r in ledger))
     dead = await conn.fetch(f"SELECT stream, reason, count(*) FROM {ident(shared.dead_letters)} "
                             "GROUP BY 1, 2 ORDER BY 1, 3 DESC")
-    lines.append(f"dead letters: {sum(r[2] for r in dead)}")
-    lines += [f"  {r[0]:<8} {r[1]:<24} {r[2]:>6}" for r in dead]
     offs = await conn.fetch(f"SELECT group_id, topic, sum(greatest(next_offset, 0)) FROM {ident(shared.offsets)} "
                             "GROUP BY 1, 2 ORDER BY 1, 2")
+    return {"tables": tables, "dedupe_ledger": {r[0]: r[1] for r in ledger},
+            "dead_letters": [{"stream": r[0], "reason": r[1], "count": r[2]} for r in dead],
+            "progress": [{"group": r[0], "topic": r[1], "consumed": int(r[2])} for r in offs]}
+
+
+async def summary(conn: Conn, config: Config) -> str:
+    """Rows per table, dedupe ledger size, dead letters by reason, stored offsets."""
+    doc = await summary_doc(conn)
+    lines = ["landed:"]
+    lines += [f"  {table:<16} {t['rows']:>9} rows from {t['tenants']} tenants" for table, t in doc["tables"].items()]
+    lines.append("  dedupe ledger    " + ", ".join(f"{k}={v}" for k, v in doc["dedupe_ledger"].items()))
+    lines.append(f"dead letters: {sum(d['count'] for d in doc['dead_letters'])}")
+    lines += [f"  {d['stream']:<8} {d['reason']:<24} {d['count']:>6}" for d in doc["dead_letters"]]
     lines.append("progress (records consumed, stored in postgres):")
-    lines += [f"  {r[0]:<16} {r[1]:<20} {r[2]:>9}" for r in offs]
+    lines += [f"  {p['group']:<16} {p['topic']:<20} {p['consumed']:>9}" for p in doc["progress"]]
     return "\n".join(lines)
 
 
@@ -90,5 +98,6 @@ async def demo(config: Config, *, events: int, n_tenants: int) -> int:
             print(await summary(conn, config))
     finally:
         await pool.close()
-    print(orjson.dumps({"published": published}).decode())
+    print("next: `ingest status --once` (the operator's view), `ingest dlq list` (the dead letters and why), "
+          "`ingest dev down` (stop what `ingest dev up` started)")
     return 0

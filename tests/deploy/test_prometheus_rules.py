@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,11 +182,12 @@ def dashboard_targets(dash: dict):
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool")
+    # PATH first, then the virtualenv's bin (where `make tools` / scripts/install-promtool put it)
+    path = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
     if path is None:
         msg = (
-            "promtool not found on PATH (Debian: apt-get install prometheus; or download "
-            "the Prometheus release tarball)"
+            "promtool not found on PATH or in the virtualenv: `make tools` puts it into .venv/bin "
+            "(Debian/Ubuntu), or install Prometheus's promtool"
         )
         if os.environ.get("CI"):
             pytest.fail(f"{msg}; CI is set, so this is a failure, not a skip")

@@ -4,8 +4,8 @@
   component, plus roles-job.yaml and secret.example.yaml) against the Kubernetes OpenAPI schemas, strictly
   (kubernetes-validate, pinned in pyproject.toml's dev extra);
 * the KEDA and Prometheus Operator objects against their CRD schemas (validators generated from the CRDs,
-  pinned in tests/deploy/crd/package.json and installed by scripts/ensure-services with `npm ci`);
-* docker-compose.yml with `docker-compose config` (Debian's docker-compose, installed by scripts/ensure-services);
+  pinned in tests/deploy/crd/package.json and installed by scripts/install-test-tools with `npm ci`);
+* docker-compose.yml with `docker-compose config` (Debian's docker-compose, installed by scripts/install-test-tools under CI);
 * promtool on every rule: the rule files and the PrometheusRule generated from them;
 * the Grafana dashboard's JSON: panels, the job label the rules use, the quota panels.
 
@@ -39,7 +39,7 @@ CUSTOM_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 
 def _missing(what: str) -> None:
     if os.environ.get("CI"):
-        pytest.fail(f"{what}; CI is set, so this is a failure (scripts/ensure-services installs it)")
+        pytest.fail(f"{what}; CI is set, so this is a failure (scripts/install-test-tools installs it)")
     pytest.skip(what)
 
 

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from consumers.cli.commands import bench, core, dlq, offsets, ops, quota
+from consumers.cli.commands import bench, config, core, dev, dlq, offsets, ops, quota
 
-COMMAND_MODULES: list[ModuleType] = [core, dlq, quota, ops, offsets, bench]
+COMMAND_MODULES: list[ModuleType] = [core, dev, config, dlq, quota, ops, offsets, bench]

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+import consumers.cli.args as args_
 from consumers import streams
 from ingest.config import Config
 
@@ -15,18 +16,28 @@ from ingest.config import Config
 def register(sub: Any) -> None:
     """Add ``bench`` to ``sub``."""
     p = sub.add_parser("bench", help="benchmark the consumer path on a fresh database and fresh topics")
-    p.add_argument("--events", type=int, default=1_000_000)
-    p.add_argument("--tenants", type=int, default=1000)
-    p.add_argument("--dup-rate", type=float, default=0.05)
-    p.add_argument("--invalid-rate", type=float, default=0.001)
-    p.add_argument("--stream", choices=list(streams.STREAMS), default=streams.WEBHOOK.name)
-    p.add_argument("--partitions", type=int, default=12)
-    p.add_argument("--rate", type=float, default=0.0, help="events/s for a steady-rate latency run (0 = backlog)")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of the steady-rate run")
-    p.add_argument("--prefill-keys", type=int, default=0,
+    p.add_argument("--events", type=args_.positive_int, default=1_000_000, metavar="N",
+                   help="events to publish, then consume as a backlog (default 1000000; with --rate: rate x duration)")
+    p.add_argument("--tenants", type=args_.positive_int, default=1000, metavar="N",
+                   help="tenants the events spread over (default 1000)")
+    p.add_argument("--dup-rate", type=args_.fraction, default=0.05, metavar="R",
+                   help="share of events that repeat an idempotency key (default 0.05)")
+    p.add_argument("--invalid-rate", type=args_.fraction, default=0.001, metavar="R",
+                   help="share of events that fail validation, i.e. dead letters (default 0.001)")
+    args_.add_stream(p, one=True, default=streams.WEBHOOK.name,
+                     help=f"the stream to measure ({', '.join(streams.STREAMS)}; default {streams.WEBHOOK.name})")
+    p.add_argument("--partitions", type=args_.positive_int, default=12, metavar="N",
+                   help="partitions of the benchmark's own topic (default 12)")
+    p.add_argument("--rate", type=args_.non_negative_float, default=0.0, metavar="EVENTS_PER_S",
+                   help="events/s for a steady-rate latency run (0 = backlog)")
+    p.add_argument("--duration", type=args_.positive_float, default=60.0, metavar="SECONDS",
+                   help="seconds of the steady-rate run (default 60)")
+    p.add_argument("--prefill-keys", type=args_.non_negative_int, default=0, metavar="N",
                    help="keys put in the dedupe ledger before the run (steady state of a deployment that has run "
                         "for its dedupe window, e.g. 10000000)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    p.add_argument("--json-file", type=Path, default=None, metavar="FILE",
+                   help="also write the figures as JSON to FILE")
+    args_.add_json(p, "the figures as one JSON document (instead of the table)")
     p.set_defaults(handler=_bench)
 
 
@@ -41,7 +52,7 @@ async def _bench(args: argparse.Namespace, config: Config) -> int:
     if opts.rate:
         opts.events = int(opts.rate * opts.duration)
     figures = await bench(config, opts)
-    print(table(figures))
-    if args.json:
-        args.json.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+    print(orjson.dumps(figures).decode() if args.json else table(figures))
+    if args.json_file:
+        args.json_file.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
     return 0

@@ -1,4 +1,4 @@
-"""Core commands: migrate, topics, consume, publish, dev, demo, summary."""
+"""Core commands: migrate, topics, consume, publish, demo, summary."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import sys
 from datetime import UTC, datetime
@@ -17,15 +16,17 @@ from typing import Any
 import asyncpg
 import orjson
 
+import consumers.cli.args as args_
+import consumers.cli.commands.dev as dev_cmd
 import consumers.cli.report as report
 from consumers import run, settings, streams
-from ingest import broker
+from ingest import devservices
 from ingest import roles as pg_roles
 from ingest.codec import decode
 from ingest.config import Config, maintenance_url
 from ingest.publisher import Publisher
 from ingest.reject import Rejected
-from ingest.services import connect_redis, create_pool, with_database
+from ingest.services import create_pool
 
 log = logging.getLogger("ingest.cli")
 EXIT_CIRCUIT_OPEN = 4
@@ -48,38 +49,42 @@ def register(sub: Any) -> None:
                                   "SCRAM-SHA-256 verifier; without it the password is left unchanged)")
     migrate.set_defaults(handler=_migrate)
 
-    topics = sub.add_parser("topics", help="Kafka topics")
-    topics_sub = topics.add_subparsers(dest="action", required=True)
+    topics = sub.add_parser("topics", help="Kafka topics: ensure")
+    topics_sub = topics.add_subparsers(dest="action", required=True, metavar="ACTION")
     ensure = topics_sub.add_parser(
         "ensure", help=f"create {' and '.join(s.topic for s in streams.STREAMS.values())} when missing")
-    ensure.add_argument("--partitions", type=int, default=None,
-                        help=f"default: INGEST_TOPIC_PARTITIONS ({settings.default('INGEST_TOPIC_PARTITIONS')})")
+    ensure.add_argument("--partitions", type=args_.positive_int, default=None, metavar="N",
+                        help="partitions of each topic created (default: INGEST_TOPIC_PARTITIONS, "
+                             f"{settings.default('INGEST_TOPIC_PARTITIONS')}); existing topics are left as they are")
     ensure.set_defaults(handler=_topics_ensure)
 
     consume = sub.add_parser("consume", help="run consumers until SIGTERM/SIGINT")
-    consume.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
+    args_.add_stream(consume, help=f"which stream's consumer to run: {', '.join(streams.STREAMS)} or "
+                                   f"{streams.ALL} (default: {streams.ALL}, one consumer per stream in this process)")
     consume.add_argument("--drain", action="store_true", help="exit 0 once every assigned partition is caught up")
     consume.set_defaults(handler=_consume)
 
     publish = sub.add_parser("publish", help="validate JSON Lines and publish them keyed by tenant_id")
-    publish.add_argument("--stream", choices=list(streams.STREAMS), required=True)
+    args_.add_stream(publish, one=True, required=True,
+                     help=f"the stream the events belong to ({', '.join(streams.STREAMS)}): its schema and topic")
     publish.add_argument("file", help="a JSON Lines file, or - for standard input")
+    publish.add_argument("--dry-run", action="store_true",
+                         help="validate every line and report refused ones; connect to nothing, send nothing")
     publish.set_defaults(handler=_publish)
 
-    dev = sub.add_parser("dev", help="embedded development services")
-    dev_sub = dev.add_subparsers(dest="action", required=True)
-    dev_sub.add_parser("up", help="start the embedded broker on INGEST_KAFKA_BOOTSTRAP, check Postgres and Redis, "
-                                  "create topics").set_defaults(handler=_dev_up)
-    dev_sub.add_parser("down", help="stop the embedded broker started by `ingest dev up`").set_defaults(
-        handler=_dev_down)
-
     demo = sub.add_parser("demo", help="publish a realistic sample, drain it, and print what landed where")
-    demo.add_argument("--events", type=int, default=2000, help="events per stream (default 2000)")
-    demo.add_argument("--tenants", type=int, default=8)
+    demo.add_argument("--events", type=args_.positive_int, default=2000, metavar="N",
+                      help="events per stream (default 2000)")
+    demo.add_argument("--tenants", type=args_.positive_int, default=8, metavar="N",
+                      help="tenants the sample spreads over (default 8)")
+    demo.add_argument("--allow-non-dev", action="store_true",
+                      help="write the sample and its deliberately bad records even when Postgres or Kafka is not "
+                           "on this machine (by default the demo only writes to loopback addresses)")
     demo.set_defaults(handler=_demo)
 
-    sub.add_parser("summary", help="print rows per table, duplicates and dead letters by reason").set_defaults(
-        handler=_summary)
+    summ = sub.add_parser("summary", help="print rows per table, duplicates and dead letters by reason")
+    args_.add_json(summ)
+    summ.set_defaults(handler=_summary)
 
 
 async def _migrate(args: argparse.Namespace, config: Config) -> int:
@@ -144,7 +149,12 @@ async def _consume(args: argparse.Namespace, config: Config) -> int:
             return 1
     stopper.cancel()
     totals = task.result()
-    print(orjson.dumps({name: vars_of(t) for name, t in totals.items()}).decode())
+    if sys.stdout.isatty():  # a person: one line per stream; otherwise one JSON document for scripts
+        for name, t in totals.items():
+            print(f"{name}: stored {t.stored}, duplicates {t.duplicates}, rejected {t.rejected}, over quota "
+                  f"{t.quota_exceeded}, batches {t.batches}")
+    else:
+        print(orjson.dumps({name: vars_of(t) for name, t in totals.items()}).decode())
     stopped = {t.stop_kind: t.stopped_by for t in totals.values() if t.stop_kind}
     for kind, why in stopped.items():
         print(f"ingest: {'circuit breaker' if kind == 'circuit_open' else 'log mismatch'}: {why}", file=sys.stderr)
@@ -166,8 +176,11 @@ async def _publish(args: argparse.Namespace, config: Config) -> int:
     sent = 0
     from tqdm import tqdm  # only the publish command draws a progress bar: keeps `consume` start-up lean
 
-    with source, tqdm(desc=f"publish {stream.topic_for(config)}", unit="ev", file=sys.stderr) as bar:
-        async with Publisher(config, topic=stream.topic_for(config), contract=contract) as pub:
+    verb = "validate" if args.dry_run else "publish"
+    with source, tqdm(desc=f"{verb} {stream.topic_for(config)}", unit="ev", file=sys.stderr) as bar:
+        async with contextlib.AsyncExitStack() as stack:
+            pub = None if args.dry_run else await stack.enter_async_context(
+                Publisher(config, topic=stream.topic_for(config), contract=contract))
             for lineno, line in enumerate(source, 1):
                 value = line.rstrip(b"\r\n")
                 if not value.strip():
@@ -177,58 +190,29 @@ async def _publish(args: argparse.Namespace, config: Config) -> int:
                 except Rejected as rej:
                     refused.append((lineno, f"{rej.reason}: {rej.detail}"))
                     continue
-                await pub.send_raw(key, value)
+                if pub is not None:
+                    await pub.send_raw(key, value)
                 sent += 1
                 bar.update()
     for lineno, why in refused[:100]:
         print(f"line {lineno}: refused: {why}", file=sys.stderr)
     if len(refused) > 100:
         print(f"... and {len(refused) - 100} more refused lines", file=sys.stderr)
-    print(f"published {sent} events to {stream.topic_for(config)}; refused {len(refused)} lines")
+    if args.dry_run:
+        print(f"dry run: {sent} events valid for {stream.topic_for(config)}, nothing sent; refused {len(refused)} lines")
+    else:
+        print(f"published {sent} events to {stream.topic_for(config)}; refused {len(refused)} lines")
     return 1 if refused else 0
 
 
-def _pidfile(config: Config) -> Path:
-    return Path("/tmp") / f"ingest-broker-{config.kafka_bootstrap.replace(':', '-').replace(',', '_')}.pid"
-
-
-async def _dev_up(args: argparse.Namespace, config: Config) -> int:
-    host, _, port = config.kafka_bootstrap.split(",")[0].rpartition(":")
-    if broker.listening(host, int(port)):
-        print(f"kafka: something already listens on {host}:{port}; using it")
-    else:
-        proc = broker.start_embedded(host, int(port), log_path="/tmp/ingest-broker.log")
-        _pidfile(config).write_text(str(proc.pid))
-        print(f"kafka: started the embedded broker (pid {proc.pid}) on {host}:{port} (in-memory; log "
-              "/tmp/ingest-broker.log)")
-        if config.producer_idempotence:
-            print("kafka: the embedded broker has no idempotent producers: export INGEST_PRODUCER_IDEMPOTENCE=false "
-                  "before `ingest publish` or `ingest dlq replay`")
-    pool = await create_pool(with_database(config.database_url, "postgres"), max_size=1)
-    await pool.close()
-    print("postgres: reachable")
-    redis = await connect_redis(config.redis_url)
-    await redis.aclose()
-    print("redis: reachable")
-    # One embedded broker: replication factor 1 is all it can hold (production topics: `ingest topics ensure`).
-    created = await run.ensure_all_topics(_replace(config, topic_replication_factor=1, topic_min_insync_replicas=1))
-    print(f"topics created: {created or 'none (all present)'}")
-    return 0
-
-
-async def _dev_down(args: argparse.Namespace, config: Config) -> int:
-    pidfile = _pidfile(config)
-    if not pidfile.exists():
-        print("no embedded broker started by `ingest dev up`")
-        return 0
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(int(pidfile.read_text()), signal.SIGTERM)
-    pidfile.unlink()
-    print("embedded broker stopped")
-    return 0
-
-
 async def _demo(args: argparse.Namespace, config: Config) -> int:
+    elsewhere = [f"{a.service} at {a}" for a in dev_cmd.addresses(config)
+                 if a.service != "redis" and not devservices.is_loopback(a.host)]
+    if elsewhere and not args.allow_non_dev:
+        print(f"ingest: demo: refusing to write sample and deliberately invalid events to {', '.join(elsewhere)}: "
+              "not on this machine, so perhaps not a development deployment; pass --allow-non-dev if it is",
+              file=sys.stderr)
+        return 2
     return await report.demo(config, events=args.events, n_tenants=args.tenants)
 
 
@@ -236,7 +220,10 @@ async def _summary(args: argparse.Namespace, config: Config) -> int:
     pool = await create_pool(maintenance_url(config), max_size=1)
     try:
         async with pool.acquire() as conn:
-            print(await report.summary(conn, config))
+            if args.json:
+                print(orjson.dumps(await report.summary_doc(conn)).decode())
+            else:
+                print(await report.summary(conn, config))
     except asyncpg.UndefinedTableError:
         print("ingest: schema missing: run `ingest migrate` first", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
+import consumers.cli.args as args_
 from consumers import streams
 from ingest import dlq, kafka_options
 from ingest.config import Config, maintenance_url
@@ -40,7 +41,7 @@ def dead_letter_table() -> str:
 def register(sub: Any) -> None:
     """Add the `dlq` commands to ``sub``."""
     parser = sub.add_parser("dlq", help="inspect, replay and purge dead letters")
-    dsub = parser.add_subparsers(dest="action", required=True)
+    dsub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     lst = dsub.add_parser("list", help="counts by stream and reason, then the most recent entries")
     _add_filters(lst)
@@ -49,7 +50,7 @@ def register(sub: Any) -> None:
     lst.set_defaults(handler=_list)
 
     show = dsub.add_parser("show", help="one entry with its original bytes")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=args_.positive_int, help="the entry's id (first column of `ingest dlq list`)")
     show.add_argument("--json", action="store_true", help="JSON, with the bytes in base64")
     show.set_defaults(handler=_show)
 
@@ -98,7 +99,7 @@ def _date(text: str) -> datetime:
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stream", choices=sorted(streams.STREAMS), default=None)
+    args_.add_stream(parser)
     parser.add_argument("--reason", action="append", default=[], metavar="R", choices=[r.value for r in Reason],
                         help="a reason code such as not_json (repeatable; see docs/dead-letters.md)")
     parser.add_argument("--tenant", default=None, metavar="T", help="tenant_id as recorded in the dead letter")
@@ -107,7 +108,7 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
 
 
 def _filters(args: argparse.Namespace) -> dlq.Filters:
-    return dlq.Filters(stream=args.stream, reasons=tuple(args.reason), tenant=args.tenant, since=args.since)
+    return dlq.Filters(stream=None if args.stream == streams.ALL else args.stream, reasons=tuple(args.reason), tenant=args.tenant, since=args.since)
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+import consumers.cli.args as args_
 import consumers.cli.status as status
 from consumers import streams
 from ingest import offsets
@@ -34,8 +35,7 @@ def register(sub: Any) -> None:
     off = sub.add_parser("offsets", help="stored positions against the Kafka log: show, reset")
     off_sub = off.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = off_sub.add_parser("show", help="per partition: stored next offset, log start and end, lag, mismatch")
-    show.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL,
-                      help=f"which stream (default {streams.ALL})")
+    args_.add_stream(show)
     show.add_argument("--json", action="store_true", help="print a JSON list of partitions to stdout")
     show.set_defaults(handler=_show)
 
@@ -43,14 +43,14 @@ def register(sub: Any) -> None:
         "reset", help="move stored positions (dry run unless --execute)",
         description="Plan a move of the stored positions and print it; with --execute, apply it in one "
                     "transaction (refused while the consumer group has live members).")
-    reset.add_argument("--stream", choices=names, required=True, help="which stream's positions to move")
+    args_.add_stream(reset, one=True, required=True, help=f"which stream's positions to move ({', '.join(names)})")
     target = reset.add_mutually_exclusive_group(required=True)
     target.add_argument("--to-earliest", action="store_true", help="the log start: re-read everything it holds")
     target.add_argument("--to-latest", action="store_true", help="the log end: skip everything unread")
     target.add_argument("--to-datetime", metavar="ISO-8601", type=_instant,
                         help="the first record at or after this time (with a zone, e.g. 2026-12-01T08:00:00Z)")
-    target.add_argument("--to-offset", metavar="N", type=int, help="offset N (must lie within the log)")
-    reset.add_argument("--partition", metavar="P", type=int, action="append", default=None,
+    target.add_argument("--to-offset", metavar="N", type=args_.non_negative_int, help="offset N (must lie within the log)")
+    reset.add_argument("--partition", metavar="P", type=args_.non_negative_int, action="append", default=None,
                        help="only this partition (repeatable; default every partition of the topic)")
     reset.add_argument("--execute", action="store_true", help="apply the plan (default: print it only)")
     reset.add_argument("--force", action="store_true",

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+import consumers.cli.args as args_
 import consumers.cli.status as status
 from consumers import run, streams
 from ingest import partitions
@@ -34,14 +35,14 @@ def register(sub: Any) -> None:
     parts.set_defaults(handler=_partitions_list, stream=streams.ALL, json=False)
     parts_sub = parts.add_subparsers(dest="action", metavar="ACTION")
     lst = parts_sub.add_parser("list", help="each partition: range, rows (estimate or exact), size; coverage")
-    lst.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
+    args_.add_stream(lst)
     lst.add_argument("--json", action="store_true", help="print one JSON document")
     lst.set_defaults(handler=_partitions_list)
     ens = parts_sub.add_parser("ensure", help="create partitions from now - retention to now + premake")
-    ens.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
+    args_.add_stream(ens)
     ens.set_defaults(handler=_partitions_ensure)
     prune = parts_sub.add_parser("prune", help="detach partitions past retention, then drop (or archive)")
-    prune.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
+    args_.add_stream(prune)
     prune.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     prune.add_argument("--archive", action="store_true", help="move detached partitions to schema `archive`")
     prune.add_argument("--export-dir", metavar="DIR", default=None,
@@ -49,18 +50,18 @@ def register(sub: Any) -> None:
     prune.set_defaults(handler=_partitions_prune)
 
     lag = sub.add_parser("lag", help="per-partition lag: end offset minus the offset stored in Postgres")
-    lag.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
-    lag.add_argument("--max-lag", type=int, default=DEFAULT_MAX_LAG,
+    args_.add_stream(lag)
+    lag.add_argument("--max-lag", type=args_.non_negative_int, metavar="N", default=DEFAULT_MAX_LAG,
                      help=f"exit 1 when any partition lags more than this (default {DEFAULT_MAX_LAG}) or its "
                           "stored position lies outside the log")
     lag.add_argument("--json", action="store_true", help="print one JSON document")
     lag.set_defaults(handler=_lag)
 
     st = sub.add_parser("status", help="live view: group, lag, rates, tenants, dead letters, partitions, health")
-    st.add_argument("--stream", choices=streams.CHOICES, default=streams.ALL)
+    args_.add_stream(st)
     st.add_argument("--once", action="store_true", help="print one snapshot and exit")
     st.add_argument("--json", action="store_true", help="print one JSON document and exit (implies --once)")
-    st.add_argument("--interval", type=float, default=2.0, help="refresh period in seconds (default 2)")
+    st.add_argument("--interval", type=args_.positive_float, default=2.0, metavar="SECONDS", help="refresh period in seconds (default 2)")
     st.set_defaults(handler=_status)
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
+import orjson
+
+import consumers.cli.args as args_
 from consumers import quotas, streams
 from ingest.config import Config, maintenance_url
 from ingest.quota import Limits, Override
@@ -15,30 +19,37 @@ from ingest.services import connect_redis, create_pool
 def register(sub: Any) -> None:
     """Add the `quota` commands to ``sub``."""
     quota = sub.add_parser("quota", help="per-tenant quotas (limits in Postgres, usage in Redis)")
-    q = quota.add_subparsers(dest="action", required=True)
+    q = quota.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     set_ = q.add_parser("set", help="override a tenant's limits (0 = unlimited; unset fields keep their value)")
-    set_.add_argument("tenant")
-    set_.add_argument("--stream", choices=list(streams.STREAMS), help="only this stream (default: every stream)")
-    set_.add_argument("--per-second", type=float, help="sustained events per second")
-    set_.add_argument("--burst", type=int, help="events admitted at once after a quiet period")
-    set_.add_argument("--per-day", type=int, help="events per UTC day")
+    set_.add_argument("tenant", help="the tenant_id")
+    args_.add_stream(set_, help=f"only this stream ({', '.join(streams.STREAMS)}), or {streams.ALL} (the default): "
+                               "an override for every stream")
+    set_.add_argument("--per-second", type=args_.non_negative_float, metavar="N",
+                      help="sustained events per second (0 = unlimited)")
+    set_.add_argument("--burst", type=args_.non_negative_int, metavar="N",
+                      help="events admitted at once after a quiet period (0 = one second's worth of the rate)")
+    set_.add_argument("--per-day", type=args_.non_negative_int, metavar="N",
+                      help="events per UTC day (0 = unlimited)")
     set_.set_defaults(handler=_set)
 
     unset = q.add_parser("unset", help="remove a tenant's override: it gets the defaults again")
-    unset.add_argument("tenant")
-    unset.add_argument("--stream", choices=list(streams.STREAMS), help="the stream-specific override only")
+    unset.add_argument("tenant", help="the tenant_id")
+    args_.add_stream(unset, help=f"the override for this stream only ({', '.join(streams.STREAMS)}), or "
+                                f"{streams.ALL} (the default): the override for every stream")
     unset.set_defaults(handler=_unset)
 
     get = q.add_parser("get", help="a tenant's overrides, effective limits and usage per stream")
-    get.add_argument("tenant")
+    get.add_argument("tenant", help="the tenant_id")
+    args_.add_json(get)
     get.set_defaults(handler=_get)
 
-    q.add_parser("list", help="every tenant with usage or an override: usage against limits").set_defaults(
-        handler=_list)
+    lst = q.add_parser("list", help="every tenant with usage or an override: usage against limits")
+    args_.add_json(lst, "a JSON list of rows")
+    lst.set_defaults(handler=_list)
 
     reset = q.add_parser("reset", help="clear a tenant's usage in Redis (full burst, nothing used today)")
-    reset.add_argument("tenant")
+    reset.add_argument("tenant", help="the tenant_id")
     reset.set_defaults(handler=_reset)
 
 
@@ -66,7 +77,7 @@ async def _set(args: argparse.Namespace, config: Config) -> int:
     pool = await create_pool(maintenance_url(config), max_size=1)
     try:
         async with pool.acquire() as conn:
-            row = await quotas.set_override(conn, args.tenant, stream=args.stream, per_second=args.per_second,
+            row = await quotas.set_override(conn, args.tenant, stream=_stream(args), per_second=args.per_second,
                                             burst=args.burst, per_day=args.per_day)
     except ValueError as exc:
         print(f"ingest: quota set: {exc}", file=sys.stderr)
@@ -82,7 +93,7 @@ async def _unset(args: argparse.Namespace, config: Config) -> int:
     pool = await create_pool(maintenance_url(config), max_size=1)
     try:
         async with pool.acquire() as conn:
-            removed = await quotas.clear_override(conn, args.tenant, stream=args.stream)
+            removed = await quotas.clear_override(conn, args.tenant, stream=_stream(args))
     except ValueError as exc:
         print(f"ingest: quota unset: {exc}", file=sys.stderr)
         return 2
@@ -104,15 +115,25 @@ def _table(rows: list[quotas.UsageRow]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
+def _stream(args: argparse.Namespace) -> str | None:
+    """``--stream``: None (every stream) for ``all``."""
+    return None if args.stream == streams.ALL else str(args.stream)
+
+
 async def _get(args: argparse.Namespace, config: Config) -> int:
-    return await _show(config, args.tenant)
+    return await _show(config, args.tenant, as_json=args.json)
 
 
 async def _list(args: argparse.Namespace, config: Config) -> int:
-    return await _show(config, None)
+    return await _show(config, None, as_json=args.json)
 
 
-async def _show(config: Config, tenant: str | None) -> int:
+def _row_json(r: quotas.UsageRow) -> dict[str, Any]:
+    return {"stream": r.stream, "tenant": r.tenant, "limits": dataclasses.asdict(r.limits),
+            "effective_burst": r.limits.effective_burst, "usage": dataclasses.asdict(r.usage)}
+
+
+async def _show(config: Config, tenant: str | None, *, as_json: bool = False) -> int:
     pool = await create_pool(maintenance_url(config), max_size=1)
     try:
         redis = await connect_redis(config.redis_url)
@@ -127,6 +148,12 @@ async def _show(config: Config, tenant: str | None) -> int:
         return 2
     finally:
         await pool.close()
+    if as_json:
+        doc: Any = [_row_json(r) for r in rows]
+        if tenant is not None:
+            doc = {"tenant": tenant, "overrides": [dataclasses.asdict(o) for o in found], "streams": doc}
+        print(orjson.dumps(doc).decode())
+        return 0
     if tenant is not None:
         print(f"tenant {tenant}")
         print("overrides: " + ("; ".join(_override(o) for o in found) or "none (defaults apply)"))

@@ -77,8 +77,8 @@ async def _kafka_part(config: Config, selected: Sequence[Stream]) -> tuple[dict[
     members: dict[str, Any] | str
     try:
         members = await group_members(config, [s.group_for(config) for s in selected])
-    except ServiceUnavailable as exc:
-        members = str(exc)
+    except ServiceUnavailable as exc:  # the broker answered the offsets just before: not an outage
+        members = f"unknown: the broker did not describe the group ({exc.detail})"
     sec = config.kafka_security
     return ({"ok": True, "where": config.kafka_bootstrap, "latency_ms": latency, "error": None,
              "tls": sec.protocol.endswith("SSL"), "sasl": sec.sasl_mechanism or None}, ends, members)
