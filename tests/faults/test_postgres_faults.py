@@ -36,13 +36,21 @@ async def publish_both(config: Config, published: Published, seed: int) -> None:
     await publish_mix(config, published, "audit", 1000, tenants=6, dup_rate=0.1, invalid=4, seed=seed + 1)
 
 
-async def open_transactions(pg: PgCluster, db_url: str) -> int:
-    """Sessions of the test database idle inside a transaction (waiting for their client)."""
+async def open_transactions(pg: PgCluster, db_url: str, *, wait_s: float = 10.0) -> int:
+    """Sessions of the test database idle inside a transaction (waiting for their client), once there is one or
+    ``wait_s`` passed. A backend reports "idle in transaction" just after it sent its reply, so the client's next
+    message (held at the proxy) can arrive before the backend's state does: on a loaded machine, that window is
+    long enough to read "active"."""
     admin = await asyncpg.connect(pg.url())
     try:
-        return int(await admin.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state = 'idle in transaction'",
-            db_url.rsplit("/", 1)[1]))
+        deadline = time.monotonic() + wait_s
+        while True:
+            n = int(await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state = 'idle in transaction'",
+                db_url.rsplit("/", 1)[1]))
+            if n or time.monotonic() >= deadline:
+                return n
+            await asyncio.sleep(0.05)
     finally:
         await admin.close()
 
