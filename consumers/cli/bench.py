@@ -27,8 +27,8 @@ from aiokafka.partitioner import murmur2
 from tqdm import tqdm
 
 import consumers.cli.sample as sample
+import consumers.cli.soak as soak
 from consumers import run, streams
-from consumers.cli import soak
 from consumers.cli.report import HOSTILE
 from ingest import kafka_options
 from ingest.broker import delete_topics

@@ -51,7 +51,7 @@ async def _bench(args: argparse.Namespace, config: Config) -> int:
     samples = figures.get("samples", [])
     print(table({k: v for k, v in figures.items() if k != "samples"}))
     if args.chart and samples:
-        from consumers.cli import soak
+        import consumers.cli.soak as soak
 
         soak.chart([soak.Sample(**s) for s in samples], args.chart,
                    f"ingest bench --rate {args.rate:g} --duration {args.duration:g} --sample {args.sample:g}")
