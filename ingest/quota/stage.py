@@ -29,6 +29,7 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from ingest import scripts
 from ingest.metrics import Metrics
 from ingest.quota.gcra import SCRIPT, LocalLimiter, script_args
 from ingest.quota.keys import group_by_slot, judged_key, judged_prefix, state_key
@@ -168,7 +169,7 @@ class RedisQuota:
         keys = [self.key(t) for t, _, _ in batch]
         groups = (list(group_by_slot(keys).values()) if isinstance(self._redis, RedisCluster)
                   else [list(range(len(keys)))])
-        calls = []
+        calls: list[scripts.Call] = []
         for idx in groups:
             judged = None
             if digests is not None:
@@ -176,30 +177,12 @@ class RedisQuota:
                           [d for i in idx for d in digests[batch[i][0]]])
             calls.append(([keys[i] for i in idx],
                           script_args(now, [(batch[i][1], batch[i][2]) for i in idx], judged)))
-        if isinstance(self._redis, RedisCluster):
-            replies = await self._evaluate_cluster(calls)
-        else:
-            replies = [await self._script(keys=calls[0][0], args=calls[0][1])]
+        replies = await scripts.run(self._redis, self._script, calls)
         out: list[list[bool]] = [[] for _ in keys]
         for idx, reply in zip(groups, replies, strict=True):
             for i, k in zip(idx, reply, strict=True):
                 out[i] = _verdicts(k, batch[i][1])
         return out
-
-    async def _evaluate_cluster(self, calls: list[tuple[list[str], list[str | bytes]]]) -> list[Any]:
-        """One script call per slot, sent as one pipeline (redis-py sends one round trip per node, in parallel)."""
-        assert isinstance(self._redis, RedisCluster)
-        for attempt in (0, 1):
-            pipe = self._redis.pipeline()
-            for keys, args in calls:
-                pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
-            try:
-                return list(await pipe.execute())
-            except rx.NoScriptError:
-                if attempt:
-                    raise
-                self._script.sha = await self._redis.script_load(SCRIPT)
-        raise AssertionError("unreachable")
 
     def _enter_outage(self, exc: BaseException) -> None:
         mode = "fail_open" if self.fail_open else "paused"
