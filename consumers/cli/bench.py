@@ -341,7 +341,7 @@ async def _cleanup(config: Config, base: Config, db: str) -> None:
         await admin.execute(f"DROP DATABASE IF EXISTS {ident(db)} WITH (FORCE)")
     finally:
         await admin.close()
-    redis = redis_client(config.redis_url)
+    redis = redis_client(config.redis_url, cluster=config.redis_cluster)
     try:
         keys = [k async for k in redis.scan_iter(match=f"{config.redis_prefix}:*", count=5000)]
         for i in range(0, len(keys), 5000):

@@ -203,7 +203,7 @@ async def _dev_up(args: argparse.Namespace, config: Config) -> int:
     pool = await create_pool(with_database(config.database_url, "postgres"), max_size=1)
     await pool.close()
     print("postgres: reachable")
-    redis = await connect_redis(config.redis_url)
+    redis = await connect_redis(config.redis_url, cluster=config.redis_cluster)
     await redis.aclose()
     print("redis: reachable")
     created = await run.ensure_all_topics(config)

@@ -115,7 +115,7 @@ async def _list(args: argparse.Namespace, config: Config) -> int:
 async def _show(config: Config, tenant: str | None) -> int:
     pool = await create_pool(config.database_url, max_size=1)
     try:
-        redis = await connect_redis(config.redis_url)
+        redis = await connect_redis(config.redis_url, cluster=config.redis_cluster)
         try:
             async with pool.acquire() as conn:
                 rows = await quotas.usage_rows(redis, conn, config, tenant)
@@ -137,7 +137,7 @@ async def _show(config: Config, tenant: str | None) -> int:
 
 
 async def _reset(args: argparse.Namespace, config: Config) -> int:
-    redis = await connect_redis(config.redis_url)
+    redis = await connect_redis(config.redis_url, cluster=config.redis_cluster)
     try:
         deleted = await quotas.reset(redis, config, args.tenant)
     except ValueError as exc:
