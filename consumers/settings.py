@@ -78,7 +78,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_BATCH_MAX_BYTES", "16777216", "...or this many bytes of values..."),
     Setting("INGEST_BATCH_MAX_AGE_MS", "100", "...or this age of its first record, whichever comes first; a batch also closes as soon as the previous batch's write ends (group commit), so the age only bounds batching under load."),
     Setting("INGEST_DEDUPE_WINDOW_SECONDS", "604800", "A repeated idempotency key within this window is a duplicate (7 days)."),
-    Setting("INGEST_DEDUPE_HINT_TTL_SECONDS", "86400", "How long Redis remembers a key (a hint; Postgres covers the rest of the window)."),
+    Setting("INGEST_DEDUPE_HINT_TTL_SECONDS", "21600", "How long Redis remembers a key (6 h: a hint that catches re-deliveries within hours; Postgres covers the rest of the window; sizing in docs/scaling.md)."),
     Setting("INGEST_MAX_MESSAGE_BYTES", "262144", "Larger Kafka values are dead-lettered as `too_large`."),
     Setting("INGEST_MAX_DEPTH", "32", "Deeper JSON nesting is dead-lettered as `too_deep`."),
     Setting("INGEST_NUL_POLICY", "replace", "`\\u0000` in strings: `replace` (with U+FFFD), `strip`, or `reject`."),
