@@ -77,12 +77,17 @@ class LocalCluster:
 
     def wait_ok(self, timeout: float = 30) -> float:
         """Wait until every running node reports ``cluster_state:ok``; return the seconds it took."""
+        return self.wait_state("ok", timeout)
+
+    def wait_state(self, state: str, timeout: float = 30) -> float:
+        """Wait until every running node reports ``cluster_state:<state>`` (``ok``, or ``fail`` once a master is
+        down for the node timeout); return the seconds it took."""
         started = time.monotonic()
         while True:
             states = [_cli(p, "cluster", "info") for i, p in enumerate(self.ports) if self.procs[i] is not None]
-            if all("cluster_state:ok" in s for s in states):
+            if all(f"cluster_state:{state}" in s for s in states):
                 return time.monotonic() - started
-            assert time.monotonic() - started < timeout, f"cluster not ok after {timeout} s: {states}"
+            assert time.monotonic() - started < timeout, f"cluster not {state} after {timeout} s: {states}"
             time.sleep(0.1)
 
     def master_of(self, slot: int) -> int:

@@ -192,8 +192,9 @@ async def test_master_killed_and_restarted_empty_mid_run(
         config: Config, cluster_env: dict[str, str], db_url: str, published: Published, pg_proxy: Proxy,
         cluster: LocalCluster, spawn: Callable[..., Consumer]) -> None:
     """While a backlog is consumed (a webhook batch's COPY held at the Postgres proxy, so it is certainly
-    mid-run), one master is killed (SIGKILL) and, once the consumer has met the failure, started again empty (its
-    slots kept, its hints and quota states gone). Both streams' tenants have generous quota overrides, so every
+    mid-run), one master is killed (SIGKILL); once the survivors report the cluster failed the held batch is
+    released, and once the consumer has paused the master is started again empty (its slots kept, its hints and
+    quota states gone). Both streams' tenants have generous quota overrides, so every
     batch needs Redis for its quota decision. Afterwards copies of stored events are published.
 
     Expected: while the cluster is down the consumer pauses on its quota calls (nothing dead-lettered, nothing
@@ -216,6 +217,9 @@ async def test_master_killed_and_restarted_empty_mid_run(
     keys_before = cluster.dbsize(victim)
     assert keys_before > 0, "the victim master held nothing: the case would prove nothing"
     await asyncio.to_thread(cluster.kill, victim)
+    # The survivors declare the cluster failed after the node timeout; only then is every quota call refused, so
+    # the held batch is released into a failed cluster (else the backlog may end before any call meets it).
+    failed_after = await asyncio.to_thread(cluster.wait_state, "fail")
     hold.release()
     await wait_until(consumer.reached("ingest_paused", 1, reason="redis"), 30,
                      "a pause on the quota call while the cluster is down", consumers=[consumer])
@@ -238,5 +242,6 @@ async def test_master_killed_and_restarted_empty_mid_run(
     retries = await consumer.ametric("ingest_retries_total", component="redis")
     assert await consumer.aterminate() == 0
     summary = await check_invariants(db_url, config, published)
-    print(f"\nmaster {victim} killed at offsets {at} ({keys_before} keys), cluster ok {ok_after:.1f} s after its "
+    print(f"\nmaster {victim} killed at offsets {at} ({keys_before} keys), cluster failed {failed_after:.1f} s later, "
+          f"ok {ok_after:.1f} s after its "
           f"restart; {retries} redis retries; {n} copies all duplicates; {summary}")
