@@ -22,6 +22,7 @@ from tests.faults.helpers import (
     publish_mix,
     wait_caught_up,
     wait_event,
+    wait_positioned,
     wait_until,
 )
 from tests.faults.proxy import CUT_AFTER, CUT_BEFORE, HOLD, Proxy, pg_query
@@ -178,8 +179,12 @@ async def test_connection_cut_during_commit(
     # before the trigger is armed: the cut lands on a batch of the second backlog, never inside start-up.
     await publish_mix(config, published, "webhook", 200, tenants=6, seed=seed + 100)
     await publish_mix(config, published, "audit", 100, tenants=6, seed=seed + 101)
-    consumer = spawn({**env, **CASE_ENV})
+    consumer = spawn({**env, **CASE_ENV, "INGEST_LOG_LEVEL": "INFO"})  # INFO: how each retry ended
     await wait_caught_up(db_url, config, published, consumers=[consumer], timeout=60)
+    # Every partition must hold a position before the trigger counts COMMITs: a partition positioned later (one
+    # the first backlog left empty, assigned late) commits its first position in a transaction of its own, and a
+    # cut of that COMMIT would fail no batch.
+    await wait_positioned(db_url, config, ["webhook", "audit"], consumers=[consumer])
     cut = pg_proxy.on(pg_query("COMMIT;"), action, skip=1)
     await publish_both(config, published, seed=seed)
     await wait_event(cut.done, 60, f"{action} at the 2nd COMMIT of the second backlog", consumers=[consumer])
@@ -188,6 +193,8 @@ async def test_connection_cut_during_commit(
     if action == CUT_AFTER:
         await wait_until(consumer.reached("ingest_fenced_batches_total", 1), 30,
                          "the retry of the batch that did commit to be fenced", consumers=[consumer])
+        ended = [line for line in consumer.log(tail=10**7).splitlines() if '"retried write ended"' in line]
+        assert ended and all('"outcome": "fenced"' in line for line in ended), ended
     await wait_caught_up(db_url, config, published, consumers=[consumer], timeout=90)
     await wait_until(consumer.at_most("ingest_paused", 0), 15, "the pause to end", consumers=[consumer])
     retries = await consumer.ametric("ingest_retries_total", component="postgres")

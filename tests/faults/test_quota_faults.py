@@ -27,6 +27,7 @@ from tests.faults.helpers import (
     publish_mix,
     wait_caught_up,
     wait_event,
+    wait_positioned,
     wait_until,
 )
 from tests.faults.proxy import CUT_AFTER, CUT_BEFORE, Proxy, pg_query
@@ -52,10 +53,11 @@ async def test_a_batch_retried_after_its_quota_call_is_charged_once(
             await quotas.set_override(conn, tenant, stream="webhook", per_day=CAP)
     finally:
         await conn.close()
-    await publish_mix(config, published, "webhook", 900, tenants=3, dup_rate=0.1, invalid=4, seed=81)
+    consumer = spawn({**env, **CASE_ENV}, "webhook")
+    await wait_positioned(db_url, config, ["webhook"], consumers=[consumer])  # from now on, only batches commit
     pattern = b'COPY "webhook_events"' if at == "copy" else pg_query("COMMIT;")
     cut = pg_proxy.on(pattern, action, skip=1)
-    consumer = spawn({**env, **CASE_ENV}, "webhook")
+    await publish_mix(config, published, "webhook", 900, tenants=3, dup_rate=0.1, invalid=4, seed=81)
     await wait_event(cut.done, 60, f"{action} at the 2nd {at}", consumers=[consumer])
     await wait_until(consumer.reached("ingest_retries_total", 1, component="postgres"), 30, "a retry",
                      consumers=[consumer])
