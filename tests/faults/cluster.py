@@ -1,21 +1,39 @@
 """A real Redis Cluster of three masters on loopback, for the fault suite (``LocalCluster``).
 
-``start`` runs three ``redis-server --cluster-enabled yes`` (no persistence, node timeout 2 s) on free ports,
-joins them with ``redis-cli --cluster create --cluster-replicas 0 --cluster-yes`` and waits until every node
-reports ``cluster_state:ok``. ``kill(i)`` SIGKILLs a master; ``restart_empty(i)`` starts it again on the same port
+``start`` runs three ``redis-server --cluster-enabled yes`` (no persistence, node timeout 2 s) on free ports at
+most 55535 (each node's cluster bus listens on its port + 10,000), joins them with ``redis-cli --cluster create
+--cluster-replicas 0 --cluster-yes`` and waits until every node reports ``cluster_state:ok``. ``kill(i)`` SIGKILLs a master; ``restart_empty(i)`` starts it again on the same port
 with its ``nodes.conf`` (so it takes its slots back) but no data, and waits for the cluster to be ok again.
 """
 
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from ingest.broker import listening
-from tests.conftest import free_port
 from tests.integration.helpers import kill9
+
+
+def cluster_port(taken: set[int]) -> int:
+    """A free port for a cluster node: at most 55535 (its cluster bus listens 10,000 higher, up to 65535), with the
+    bus port free too."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20_000, 55_535)
+        if port in taken:
+            continue
+        try:
+            for p in (port, port + 10_000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
 
 
 def _cli(port: int, *args: str, timeout: float = 30) -> str:
@@ -29,7 +47,9 @@ class LocalCluster:
 
     def __init__(self, masters: int = 3) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="ingest-redis-cluster-"))
-        self.ports = [free_port() for _ in range(masters)]
+        self.ports: list[int] = []
+        for _ in range(masters):
+            self.ports.append(cluster_port(set(self.ports)))
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * masters
 
     def url(self, i: int = 0) -> str:
@@ -42,14 +62,21 @@ class LocalCluster:
         self.procs[i] = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
-             "--save", "", "--appendonly", "no", "--dir", str(home)],
+             "--save", "", "--appendonly", "no", "--dir", str(home), "--logfile", str(home / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while not listening("127.0.0.1", port):
             proc = self.procs[i]
             assert proc is not None and proc.poll() is None and time.monotonic() < deadline, \
-                f"redis-server on {port} did not start"
+                f"redis-server on {port} did not start: {self._log_tail(home)}"
             time.sleep(0.02)
+
+    @staticmethod
+    def _log_tail(home: Path) -> str:
+        try:
+            return " | ".join((home / "redis.log").read_text(errors="replace").splitlines()[-5:])
+        except OSError as exc:
+            return f"(no log: {exc})"
 
     def start(self) -> LocalCluster:
         """Start and join the nodes; on failure stop whatever started, and try once more on other ports (a free
@@ -62,7 +89,7 @@ class LocalCluster:
                 if attempt:
                     raise
                 self.root.mkdir(parents=True, exist_ok=True)
-                self.ports = [free_port() for _ in self.ports]
+                self.ports = [cluster_port(set(self.ports)) for _ in self.ports]
         raise AssertionError("unreachable")
 
     def _start(self) -> LocalCluster:
