@@ -23,6 +23,7 @@ from consumers import quotas, streams
 from ingest.config import Config
 from ingest.dedupe import RedisHints
 from ingest.metrics import Metrics
+from ingest.quota import admin as quota_admin
 from ingest.quota.gcra import parse_state
 from ingest.quota.keys import state_key
 from ingest.quota.limits import LimitBook, Limits
@@ -185,6 +186,10 @@ async def test_quota_split_over_the_masters(config: Config, cluster: LocalCluste
     states_again = await client.mget_nonatomic([state_key(config.redis_prefix, "webhook", t) for t in tenants])
     assert states_again == states
     await quota.settle(keys)
+    # What `ingest quota list` reads (SCAN over every master, a pipeline of GETs, TIME) works on the cluster too.
+    assert {("webhook", t) for t in tenants} <= await quota_admin.tracked(client, config.redis_prefix)
+    usage = await quota_admin.read(client, config.redis_prefix, [("webhook", t, Limits(per_day=7)) for t in tenants])
+    assert {(u.used_today, u.denied_today) for u in usage} == {(7, 3)}
     print(f"\nquota split: {len(slots)} slots, EVALSHA per master {calls}")
 
 
