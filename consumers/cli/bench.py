@@ -14,6 +14,7 @@ import dataclasses
 import multiprocessing
 import random
 import resource
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -172,10 +173,11 @@ def _sampler(config: Config, opts: BenchOptions, consumer: StreamConsumer, recor
         kafka = consumer.consumer
         return 0 if kafka is None else sum(v or 0 for v in consumer.lag(kafka).values())
 
-    def show(s: soak.Sample) -> None:
+    def show(s: soak.Sample) -> None:  # on stderr, unbuffered: a run that dies keeps every sample so far
         if progress:
             tqdm.write(f"{s.t:7.0f} s  rss {s.rss_mib} MiB  fds {s.open_fds}  pg {s.pg_connections}  "
-                       f"redis {s.redis_used_mib} MiB / {s.redis_keys} keys  lag {s.lag}  p99 {s.p99_ms} ms")
+                       f"redis {s.redis_used_mib} MiB / {s.redis_keys} keys  lag {s.lag}  p99 {s.p99_ms} ms",
+                       file=sys.stderr)
 
     sampler = soak.Sampler(interval=opts.sample, database_url=config.database_url, redis=redis, lag=lag,
                            take_window=recorder.take_window, on_sample=show)

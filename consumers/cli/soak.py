@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 FIGURES = ("rss_mib", "open_fds", "pg_connections", "redis_used_mib", "redis_keys", "lag", "p99_ms")
 
@@ -72,7 +73,8 @@ class Sampler:
         self.samples: list[Sample] = []
 
     async def run(self, stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(self.database_url)  # counted among the connections: constant 1
+        """Sample until ``stop``. A service that does not answer (Postgres or Redis restarting) gives -1 for its
+        figures in that sample; the sampler never stops before ``stop``."""
         started = time.monotonic()
         try:
             while not stop.is_set():
@@ -81,18 +83,40 @@ class Sampler:
                 if stop.is_set():
                     break
                 latencies, events = self.take_window()
-                pg = await conn.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
-                memory = await self.redis.info("memory")
-                keys = await self.redis.dbsize()
-                sample = Sample(round(time.monotonic() - started, 1), round(rss_mib(), 1), open_fds(), int(pg),
-                                round(int(memory["used_memory"]) / 2**20, 2), int(keys), self.lag(),
+                used, keys = await self._redis_figures()
+                sample = Sample(round(time.monotonic() - started, 1), round(rss_mib(), 1), open_fds(),
+                                await self._pg_connections(), used, keys, self.lag(),
                                 round(p99(latencies) * 1000, 1), events)
                 self.samples.append(sample)
                 if self.on_sample is not None:
                     self.on_sample(sample)
         finally:
-            await conn.close()
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._conn.close()
+
+    _conn: asyncpg.Connection | None = None
+
+    async def _pg_connections(self) -> int:
+        """Connections to the bench database (the sampler's own included: a constant 1); -1 if Postgres does not
+        answer (the connection is made again at the next sample)."""
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(self.database_url, timeout=5)
+            return int(await self._conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()", timeout=5))
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            if self._conn is not None:
+                self._conn.terminate()
+            self._conn = None
+            return -1
+
+    async def _redis_figures(self) -> tuple[float, int]:
+        try:
+            memory = await self.redis.info("memory")
+            return round(int(memory["used_memory"]) / 2**20, 2), int(await self.redis.dbsize())
+        except (OSError, TimeoutError, RedisError):
+            return -1.0, -1
 
 
 def growth(samples: Sequence[Sample], last_seconds: float) -> dict[str, dict[str, float]]:
@@ -108,7 +132,8 @@ def growth(samples: Sequence[Sample], last_seconds: float) -> dict[str, dict[str
     var_t = sum((t - mean_t) ** 2 for t in ts)
     for name in FIGURES:
         values = [float(getattr(s, name)) for s in window]
-        pairs = [(t, v) for t, v in zip(ts, values, strict=True) if v == v]  # drop NaN (no events)
+        # drop NaN (no events in the interval) and -1 (the service did not answer)
+        pairs = [(t, v) for t, v in zip(ts, values, strict=True) if v == v and v != -1]
         slope = float("nan")
         if len(pairs) > 1 and var_t > 0:
             mt = sum(t for t, _ in pairs) / len(pairs)
