@@ -48,6 +48,14 @@ async def open_transactions(pg: PgCluster, db_url: str) -> int:
         await admin.close()
 
 
+def in_transaction(pg: PgCluster, db_url: str) -> Callable[[], Awaitable[bool]]:
+    """A ``wait_until`` check: a session of the test database is idle inside a transaction (the state a held
+    statement leaves its session in), as ``pg_stat_activity`` shows it."""
+    async def check() -> bool:
+        return await open_transactions(pg, db_url) >= 1
+    return check
+
+
 async def test_checker_catches_doubles_losses_and_lagging_offsets(config: Config, db_url: str) -> None:
     """The invariant checker is not vacuous: a correct state passes, a double, a loss, a stray dead letter or
     offsets short of the end fail it (states written by hand, no consumer)."""
@@ -118,7 +126,8 @@ async def test_postgres_restart_mid_transaction(
     hold = pg_proxy.on(b'COPY "webhook_events"', HOLD, skip=3)
     consumer = spawn({**env, **CASE_ENV})
     await wait_event(hold.fired, 60, "the 4th webhook COPY", consumers=[consumer])
-    assert await open_transactions(pg, db_url) >= 1, "the held COPY should be inside an open transaction"
+    await wait_until(in_transaction(pg, db_url), 10, "the held COPY's session to show idle in transaction",
+                     consumers=[consumer])
     await asyncio.to_thread(pg.stop, "fast")
     hold.release()  # the held COPY now meets a closed server connection
     await wait_until(consumer.reached("ingest_paused", 1, stream="webhook", reason="postgres"), 30,
@@ -149,7 +158,8 @@ async def test_postgres_restart_mid_commit(
     hold = pg_proxy.on(pg_query("COMMIT;"), HOLD, skip=4)
     consumer = spawn({**env, **CASE_ENV}, "webhook")
     await wait_event(hold.fired, 60, "the 5th COMMIT", consumers=[consumer])
-    assert await open_transactions(pg, db_url) >= 1, "the held COMMIT's transaction should still be open"
+    await wait_until(in_transaction(pg, db_url), 10, "the held COMMIT's transaction to show as still open",
+                     consumers=[consumer])
     await asyncio.to_thread(pg.restart, "immediate")
     hold.release()
     await wait_until(consumer.reached("ingest_retries_total", 1, component="postgres"), 30,
