@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from consumers import quotas, streams
 from consumers.streams import Stream
@@ -133,7 +134,7 @@ class Runtime:
     """Shared connections of one process; close with ``aclose``."""
 
     pool: asyncpg.Pool
-    redis: Redis
+    redis: Redis | RedisCluster
     metrics: Metrics
 
     async def aclose(self) -> None:
@@ -145,10 +146,10 @@ async def open_runtime(config: Config, metrics: Metrics | None = None, *, pool_s
     """Connect to Postgres (required) and Redis (optional: without it Postgres alone decides duplicates)."""
     pool = await create_pool(config.database_url, max_size=pool_size)
     try:
-        redis = await connect_redis(config.redis_url)
+        redis = await connect_redis(config.redis_url, cluster=config.redis_cluster)
     except ServiceUnavailable as exc:
         log.warning("redis unavailable at start; continuing, Postgres decides duplicates", extra={"error": str(exc)})
-        redis = redis_client(config.redis_url)
+        redis = redis_client(config.redis_url, cluster=config.redis_cluster)
     return Runtime(pool, redis, metrics or Metrics(tenant_label_limit=config.tenant_label_limit))
 
 

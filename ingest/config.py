@@ -85,6 +85,7 @@ class Config:
     database_url: str
     maintenance_database_url: str  # the owner's URL for DDL; empty = database_url (see maintenance_url)
     redis_url: str
+    redis_cluster: bool  # redis_url names one node of a Redis Cluster
     redis_prefix: str
     topic_prefix: str
     group_prefix: str

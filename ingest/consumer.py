@@ -383,6 +383,7 @@ class StreamConsumer:
         """Wait for a write in flight; on failure retry it (nothing else overlaps while retrying). A write that
         is fenced, or abandoned because ``stop`` was set mid-retry, re-positions its partitions: records staged
         after it must never be written past its unwritten records."""
+        retried = False
         try:
             try:
                 await task
@@ -390,15 +391,27 @@ class StreamConsumer:
             except offsets.Fenced:
                 raise
             except Exception as exc:
+                retried = True
                 if await self._with_retries(consumer, stop, lambda: self._write(consumer, staged, epochs),
                                             failed=exc):
+                    self._retry_ended("committed", staged)
                     return
+                self._retry_ended("abandoned", staged)
                 log.warning("stopping with a batch unwritten; it will be re-read", extra={"stream": self.stream})
         except offsets.Fenced as fenced:
+            if retried:
+                self._retry_ended("fenced", staged)
             self.metrics.fenced.labels(self.stream).inc()
             log.warning("batch fenced: another owner moved the offsets; re-seeking",
                         extra={"stream": self.stream, "partitions": list(fenced.partitions)})
         self._reposition(consumer, dict.fromkeys({r.partition for r in staged.records}))
+
+    def _retry_ended(self, outcome: str, staged: Staged) -> None:
+        """One line per retried batch saying how its retries ended: ``committed`` (the first attempt had not
+        committed), ``fenced`` (it had, or another owner moved on) or ``abandoned`` (stopping)."""
+        log.info("retried write ended", extra={
+            "stream": self.stream, "outcome": outcome,
+            "offsets": {p: n for p, n in sorted(staged.prepared.advance.items())}})
 
     async def _with_retries(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
                             action: Callable[[], Awaitable[object]], failed: BaseException | None = None) -> bool:

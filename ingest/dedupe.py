@@ -16,9 +16,12 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from ingest import scripts
 from ingest.metrics import Metrics
+from ingest.quota.keys import group_by_slot
 from ingest.rows import Key
 from ingest.services import REDIS_UNAVAILABLE
 from ingest.sql import ident
@@ -28,25 +31,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Both scripts take the batch's digests as ONE argument (16 bytes each, concatenated): packing one argument
-# instead of thousands is most of the client-side cost of a batch. Keys are built in the script from the
-# prefix, so these scripts are for a single Redis server (not Redis Cluster).
+# Keys are built in the scripts: KEYS[i] is the base of one hint bucket (``<prefix>:dd:<stream>:{<bucket>}``, the
+# bucket a hash tag, so a bucket's hints share a Redis Cluster slot) and ARGV[i] the digests of the batch that fall
+# in it, 16 bytes each, concatenated: packing one argument per bucket instead of one per key is most of the
+# client-side cost of a batch. A key is its bucket's base followed by the digest.
 _SEEN = """
-local prefix, blob = ARGV[1], ARGV[2]
 local out = {}
-for i = 1, #blob, 16 do
-  out[#out + 1] = redis.call('EXISTS', prefix .. string.sub(blob, i, i + 15))
+for i = 1, #KEYS do
+  local base, blob = KEYS[i], ARGV[i]
+  for j = 1, #blob, 16 do
+    out[#out + 1] = redis.call('EXISTS', base .. string.sub(blob, j, j + 15))
+  end
 end
 return table.concat(out)
 """
 
 _REMEMBER = """
-local prefix, blob, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-for i = 1, #blob, 16 do
-  redis.call('SET', prefix .. string.sub(blob, i, i + 15), '1', 'EX', ttl)
+local ttl, n = tonumber(ARGV[#KEYS + 1]), 0
+for i = 1, #KEYS do
+  local base, blob = KEYS[i], ARGV[i]
+  for j = 1, #blob, 16 do
+    redis.call('SET', base .. string.sub(blob, j, j + 15), '1', 'EX', ttl)
+    n = n + 1
+  end
 end
-return #blob / 16
+return n
 """
+
+BUCKETS = 64
+"""Hint buckets (hash tags): a batch costs one script call per Redis Cluster slot of its buckets, so at most 64
+calls, sent as one round trip per node."""
 
 DIGEST_SIZE = 16
 
@@ -58,17 +72,21 @@ _HINT_ERRORS: tuple[type[BaseException], ...] = (RedisError, *REDIS_UNAVAILABLE)
 class RedisHints:
     """Fast-path dedupe hints in Redis; every method degrades to "no information" when Redis fails.
 
-    A key is hinted under ``<prefix>:dd:<stream>:<digest>``; callers hash each key once (``digest``) and pass the
-    digests of a batch to ``seen`` and, after COMMIT, to ``remember``. After a Redis failure the hints are off
-    for ``cooldown_s`` (no call at all), so an unreachable or stalled Redis costs one timeout per cooldown
-    instead of one per batch."""
+    A key is hinted under ``<prefix>:dd:<stream>:{<bucket>}<digest>``, the bucket (a hash tag) taken from the
+    digest; callers hash each key once (``digest``) and pass the digests of a batch to ``seen`` and, after COMMIT,
+    to ``remember``. Each costs one script call on a single Redis, one per slot (one round trip per node) on a
+    Redis Cluster. After a Redis failure the hints are off for ``cooldown_s`` (no call at all), so an unreachable
+    or stalled Redis costs one timeout per cooldown instead of one per batch."""
 
-    def __init__(self, redis: Redis, *, prefix: str, stream: str, ttl: timedelta, metrics: Metrics,
+    def __init__(self, redis: Redis | RedisCluster, *, prefix: str, stream: str, ttl: timedelta, metrics: Metrics,
                  cooldown_s: float = 5.0, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._redis = redis
         self._cooldown_s, self._monotonic = cooldown_s, monotonic
         self._off_until = 0.0
-        self._prefix = f"{prefix}:dd:{stream}:".encode()
+        self._bases = [f"{prefix}:dd:{stream}:{{{b:02x}}}".encode() for b in range(BUCKETS)]
+        # Buckets per cluster slot (on a single Redis, every bucket in one call).
+        self._slots = ([list(g) for g in group_by_slot(self._bases).values()] if isinstance(redis, RedisCluster)
+                       else [list(range(BUCKETS))])
         self._ttl = max(1, int(ttl.total_seconds()))
         self._metrics = metrics
         self._seen = redis.register_script(_SEEN)
@@ -82,26 +100,50 @@ class RedisHints:
 
     def redis_key(self, key: Key) -> bytes:
         """The Redis key that hints ``key``."""
-        return self._prefix + self.digest(key)
+        d = self.digest(key)
+        return self._bases[d[0] % BUCKETS] + d
+
+    def _calls(self, digests: Sequence[bytes], extra: Sequence[str | bytes | int] = ()) -> tuple[
+            list[scripts.Call], list[int]]:
+        """One call per slot group of buckets, and the order (indexes into ``digests``) its replies follow."""
+        buckets: list[list[int]] = [[] for _ in range(BUCKETS)]
+        for i, d in enumerate(digests):
+            buckets[d[0] % BUCKETS].append(i)
+        calls: list[scripts.Call] = []
+        order: list[int] = []
+        for group in self._slots:
+            used = [b for b in group if buckets[b]]
+            if not used:
+                continue
+            calls.append(([self._bases[b] for b in used],
+                          [*(b"".join(digests[i] for i in buckets[b]) for b in used), *extra]))
+            order += [i for b in used for i in buckets[b]]
+        return calls, order
 
     async def seen(self, digests: Sequence[bytes]) -> list[bool]:
-        """One script call for the whole batch; on any Redis error, report nothing as seen."""
+        """One script call per slot for the whole batch; on any Redis error, report nothing as seen."""
         if not digests or self._cooling():
             return [False] * len(digests)
+        calls, order = self._calls(digests)
         try:
-            flags = await self._seen(args=[self._prefix, b"".join(digests)])
+            replies = await scripts.run(self._redis, self._seen, calls)
         except _HINT_ERRORS as exc:
             self._failed("lookup", exc)
             return [False] * len(digests)
-        return [flag == 49 for flag in flags]  # b"1"
+        out = [False] * len(digests)
+        flags = b"".join(r if isinstance(r, bytes) else str(r).encode() for r in replies)
+        for i, flag in zip(order, flags, strict=True):
+            out[i] = flag == 49  # b"1"
+        return out
 
     async def remember(self, digests: Sequence[bytes]) -> None:
         """Record digests of keys that are durably in Postgres (call only after COMMIT); errors are logged, not
         raised."""
         if not digests or self._cooling():
             return
+        calls, _ = self._calls(digests, (self._ttl,))
         try:
-            await self._remember(args=[self._prefix, b"".join(digests), self._ttl])
+            await scripts.run(self._redis, self._remember, calls)
         except _HINT_ERRORS as exc:
             self._failed("write", exc)
 

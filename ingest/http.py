@@ -23,6 +23,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from ingest.consumer import ConsumerHealth
 from ingest.metrics import Metrics
@@ -77,7 +78,7 @@ def postgres_probe(pool: asyncpg.Pool) -> Probe:
     return check
 
 
-def redis_probe(redis: Redis) -> Probe:
+def redis_probe(redis: Redis | RedisCluster) -> Probe:
     """``PING``."""
     async def check() -> str | None:
         await redis.ping()

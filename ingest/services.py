@@ -22,6 +22,7 @@ import asyncpg
 from aiokafka.errors import KafkaError
 from redis import exceptions as rx
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArgsError
@@ -159,15 +160,19 @@ REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def redis_client(url: str) -> Redis:
+def redis_client(url: str, *, cluster: bool = False) -> Redis | RedisCluster:
     """A Redis client that fails fast: one quick retry, short timeouts (callers degrade or back off themselves;
-    redis-py's default of ten retries would hold every batch for seconds while Redis is down)."""
+    redis-py's default of ten retries would hold every batch for seconds while Redis is down). ``cluster``: the
+    URL names one node of a Redis Cluster; the client discovers the others and follows MOVED/ASK."""
+    if cluster:
+        return RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 1),
+                                     cluster_error_retry_attempts=1)
     return Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 1))
 
 
-async def connect_redis(url: str) -> Redis:
+async def connect_redis(url: str, *, cluster: bool = False) -> Redis | RedisCluster:
     """A Redis client that has answered PING."""
-    client = redis_client(url)
+    client = redis_client(url, cluster=cluster)
     try:
         await client.ping()
     except Exception as exc:

@@ -71,14 +71,18 @@ class Writer:
     ) -> WriteResult:
         """Commit one batch or raise (``offsets.Fenced`` when another owner moved a partition).
 
-        Quota verdicts are asked once per event: the careful replay after a data error reuses them."""
+        Quota verdicts are asked once per event: the careful replay after a data error reuses them, and the quota
+        keeps them across attempts (a retry after a failed COMMIT is not charged again) until ``settle``."""
         verdicts: dict[Key, bool] = {}
         try:
-            return await self._attempt(conn, candidates, dead_letters, expected, advance, verdicts, careful=False)
+            result = await self._attempt(conn, candidates, dead_letters, expected, advance, verdicts, careful=False)
         except asyncpg.PostgresError as exc:
             if not _is_data_error(exc):
                 raise
-        return await self._attempt(conn, candidates, dead_letters, expected, advance, verdicts, careful=True)
+            result = await self._attempt(conn, candidates, dead_letters, expected, advance, verdicts, careful=True)
+        if verdicts:  # committed: the quota's per-event verdicts are no longer needed (see Quota)
+            await self.quota.settle(list(verdicts))
+        return result
 
     async def _attempt(
         self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[DeadLetter],
@@ -97,7 +101,7 @@ class Writer:
             if fresh:
                 unjudged = [c for c in fresh if c.key not in verdicts]
                 if unjudged:
-                    answers = await self.quota.admit([c.key[0] for c in unjudged])
+                    answers = await self.quota.admit([c.key[0] for c in unjudged], [c.key for c in unjudged])
                     verdicts.update(zip((c.key for c in unjudged), answers, strict=True))
                 admitted: list[Candidate] = []
                 for c in fresh:

@@ -14,6 +14,7 @@ import dataclasses
 import multiprocessing
 import random
 import resource
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,12 +28,13 @@ from aiokafka.partitioner import murmur2
 from tqdm import tqdm
 
 import consumers.cli.sample as sample
+import consumers.cli.soak as soak
 from consumers import run, streams
 from consumers.cli.report import HOSTILE
 from ingest import kafka_options
 from ingest.broker import delete_topics
 from ingest.config import Config
-from ingest.consumer import Totals
+from ingest.consumer import StreamConsumer, Totals
 from ingest.pipeline import Outcome, prepare
 from ingest.rows import SimpleRecord
 from ingest.services import create_pool, redis_client, with_database
@@ -51,16 +53,23 @@ class BenchOptions:
     duration: float = 60.0
     seed: int = 1
     prefill_keys: int = 0  # ledger keys written before the run (a deployment's steady state)
+    sample: float = 0.0  # seconds between resource samples (a soak, rate mode only); 0 = none
 
 
 @dataclass
 class Recorder:
-    """Collects per-batch figures from ``Pipeline.on_commit``."""
+    """Collects per-batch figures from ``Pipeline.on_commit``. With ``keep`` set, at most that many latencies
+    are kept (a uniform reservoir sample: a soak's memory must not grow with its length), and the latencies and
+    events of the current sampling interval are kept apart (``take_window``)."""
 
     first_commit: float | None = None
     last_commit: float = 0.0
     events_after_first: int = 0
     latencies: list[float] = field(default_factory=list)
+    keep: int | None = None
+    seen: int = 0
+    window: list[float] = field(default_factory=list)
+    window_events: int = 0
 
     def __call__(self, outcome: Outcome, latencies: list[float]) -> None:
         now = time.perf_counter()
@@ -70,7 +79,22 @@ class Recorder:
         else:
             self.events_after_first += n
         self.last_commit = now
-        self.latencies.extend(latencies)
+        if self.keep is None:
+            self.latencies.extend(latencies)
+            return
+        self.window.extend(latencies)
+        self.window_events += n
+        for value in latencies:
+            self.seen += 1
+            if len(self.latencies) < self.keep:
+                self.latencies.append(value)
+            elif (i := random.randrange(self.seen)) < self.keep:
+                self.latencies[i] = value
+
+    def take_window(self) -> tuple[list[float], int]:
+        window, events = self.window, self.window_events
+        self.window, self.window_events = [], 0
+        return window, events
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -137,6 +161,32 @@ async def _produce(config: Config, topic: str, opts: BenchOptions, progress: boo
     finally:
         await producer.stop()
     return sent
+
+
+def _sampler(config: Config, opts: BenchOptions, consumer: StreamConsumer, recorder: Recorder, redis: Any,
+             stop: asyncio.Event, progress: bool) -> asyncio.Task[list[soak.Sample]] | None:
+    """With ``opts.sample``: sample resources every ``opts.sample`` seconds until ``stop``."""
+    if not opts.sample:
+        return None
+
+    def lag() -> int:
+        kafka = consumer.consumer
+        return 0 if kafka is None else sum(v or 0 for v in consumer.lag(kafka).values())
+
+    def show(s: soak.Sample) -> None:  # on stderr, unbuffered: a run that dies keeps every sample so far
+        if progress:
+            tqdm.write(f"{s.t:7.0f} s  rss {s.rss_mib} MiB  fds {s.open_fds}  pg {s.pg_connections}  "
+                       f"redis {s.redis_used_mib} MiB / {s.redis_keys} keys  lag {s.lag}  p99 {s.p99_ms} ms",
+                       file=sys.stderr)
+
+    sampler = soak.Sampler(interval=opts.sample, database_url=config.database_url, redis=redis, lag=lag,
+                           take_window=recorder.take_window, on_sample=show)
+
+    async def sample() -> list[soak.Sample]:
+        await sampler.run(stop)
+        return sampler.samples
+
+    return asyncio.create_task(sample())
 
 
 def _produce_in_child(config: Config, topic: str, opts: BenchOptions, progress: bool, out: Any) -> None:
@@ -214,7 +264,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         out = ctx.Queue()
         child = ctx.Process(target=_produce_in_child,
                             args=(config, topic, opts, progress, out))
-        recorder = Recorder()
+        recorder = Recorder(keep=200_000 if opts.sample else None)
         stop = asyncio.Event()
         produce_seconds = 0.0
         if not opts.rate:  # backlog: everything is in Kafka before the consumer starts
@@ -225,6 +275,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         rt = await run.open_runtime(config)
         run.tune_gc()
         consumer = run.build_consumer(config, stream, rt)
+        samples: list[soak.Sample] = []
         consumer.pipeline.on_commit = recorder
         cpu0, wall0 = time.process_time(), time.perf_counter()
         try:
@@ -236,11 +287,14 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
                     while not consumer.positioned():  # noqa: ASYNC110 - polls the consumer task's state
                         await asyncio.sleep(0.05)
                 cpu0, wall0 = time.process_time(), time.perf_counter()
+                sampling = _sampler(config, opts, consumer, recorder, rt.redis, stop, progress)
                 child.start()
                 await asyncio.to_thread(child.join)
                 await asyncio.sleep(1.0)  # let the tail commit
                 stop.set()
                 totals: Totals = await task
+                if sampling is not None:
+                    samples = await sampling
             else:
                 totals = await consumer.run(stop, drain=True)
         finally:
@@ -274,6 +328,10 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         if opts.rate:
             figures["target_rate"] = opts.rate
         figures.update(prefill)
+        if samples:
+            figures["sample_seconds"] = opts.sample
+            figures["growth_last_20_min"] = soak.growth(samples, 1200)
+            figures["samples"] = soak.as_json(samples)
         return figures
     finally:
         await _cleanup(config, base, db)
@@ -286,7 +344,7 @@ async def _cleanup(config: Config, base: Config, db: str) -> None:
         await admin.execute(f"DROP DATABASE IF EXISTS {ident(db)} WITH (FORCE)")
     finally:
         await admin.close()
-    redis = redis_client(config.redis_url)
+    redis = redis_client(config.redis_url, cluster=config.redis_cluster)
     try:
         keys = [k async for k in redis.scan_iter(match=f"{config.redis_prefix}:*", count=5000)]
         for i in range(0, len(keys), 5000):

@@ -89,10 +89,14 @@ class LocalLimiter:
 # -- Lua ---------------------------------------------------------------------------------------------------------
 # KEYS[i]: one tenant's state, the string "tat day used denied" (µs, UTC day number, today's admitted and
 # denied events). ARGV[1]: now in µs, or '' to use Redis TIME (one clock for every process). ARGV[2]: the event
-# count per key, space-separated. ARGV[3]: the limit profile per key (1-based, space-separated). ARGV[4..]:
-# profiles as triples T (µs/event, 0 = no rate), tau (µs), daily cap (0 = none). Few arguments whatever the
-# batch: most tenants share a profile. Returns per key how many of its events, in order, are admitted.
-# ``script_args`` builds ARGV.
+# count per key, space-separated. ARGV[3]: the limit profile per key (1-based, space-separated). ARGV[4]: the
+# prefix of judgement keys, or '' for none. ARGV[5]: their TTL in seconds. ARGV[6]: with judgements, the events'
+# digests (16 bytes each, count[i] of them per key, in KEYS order). ARGV[7..]: profiles as triples T (µs/event,
+# 0 = no rate), tau (µs), daily cap (0 = none). Few arguments whatever the batch: most tenants share a profile.
+# Without judgements it returns per key how many of its events, in order, are admitted. With judgements each
+# event's verdict is kept under ARGV[4] .. '{tenant}' .. digest (the tenant's hash tag: the state key's slot):
+# an event judged before is given its earlier verdict and costs nothing again, and the reply per key is one
+# character per event, '1' admitted or '0' denied. ``script_args`` builds ARGV.
 SCRIPT = """
 local now = tonumber(ARGV[1])
 if not now then
@@ -104,13 +108,25 @@ local next_day = (day + 1) * 86400000000
 local counts, which, profiles = {}, {}, {}
 for c in string.gmatch(ARGV[2], '%d+') do counts[#counts + 1] = tonumber(c) end
 for p in string.gmatch(ARGV[3], '%d+') do which[#which + 1] = tonumber(p) end
-for a = 4, #ARGV, 3 do
+for a = 7, #ARGV, 3 do
   profiles[#profiles + 1] = {tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}
 end
+local judged, judged_ttl, digests, at = ARGV[4], tonumber(ARGV[5]), ARGV[6], 1
 local out = {}
 for i = 1, #KEYS do
   local count, prof = counts[i], profiles[which[i]]
   local interval, tau, cap = prof[1], prof[2], prof[3]
+  local earlier, names, fresh = {}, {}, count
+  if judged ~= '' then
+    local base = judged .. string.match(KEYS[i], '{[^{}]*}$')
+    fresh = 0
+    for e = 1, count do
+      names[e] = base .. string.sub(digests, at, at + 15)
+      at = at + 16
+      earlier[e] = redis.call('GET', names[e])
+      if not earlier[e] then fresh = fresh + 1 end
+    end
+  end
   local tat, used, denied = now, 0, 0
   local v = redis.call('GET', KEYS[i])
   if v then
@@ -119,30 +135,49 @@ for i = 1, #KEYS do
     if tat < now then tat = now end
     if tonumber(d) == day then used, denied = tonumber(u), tonumber(x) end
   end
-  local k = count
+  local k = fresh
   if interval > 0 then
     local fit = math.floor((tau - (tat - now)) / interval + 1e-9)
     if fit < k then k = fit end
   end
   if cap > 0 and cap - used < k then k = cap - used end
   if k < 0 then k = 0 end
-  tat = math.ceil(tat + k * interval)
-  local keep = next_day
-  if tat > keep then keep = tat end
-  redis.call('SET', KEYS[i], string.format('%.0f %d %d %d', tat, day, used + k, denied + count - k),
-             'PX', math.ceil((keep - now) / 1000) + 3600000)
-  out[i] = k
+  if judged == '' or fresh > 0 then
+    tat = math.ceil(tat + k * interval)
+    local keep = next_day
+    if tat > keep then keep = tat end
+    redis.call('SET', KEYS[i], string.format('%.0f %d %d %d', tat, day, used + k, denied + fresh - k),
+               'PX', math.ceil((keep - now) / 1000) + 3600000)
+  end
+  if judged == '' then
+    out[i] = k
+  else
+    local verdicts, left = {}, k
+    for e = 1, count do
+      local verdict = earlier[e]
+      if not verdict then
+        if left > 0 then verdict, left = '1', left - 1 else verdict = '0' end
+        redis.call('SET', names[e], verdict, 'EX', judged_ttl)
+      end
+      verdicts[e] = verdict
+    end
+    out[i] = table.concat(verdicts)
+  end
 end
 return out
 """
 
 
-def script_args(now_us: int | None, batch: Sequence[tuple[int, Limits]]) -> list[str]:
+def script_args(now_us: int | None, batch: Sequence[tuple[int, Limits]],
+                judged: tuple[str, int, Sequence[bytes]] | None = None) -> list[str | bytes]:
     """ARGV of one ``SCRIPT`` call for ``(count, limits)`` per key, in KEYS order; ``now_us`` None = Redis TIME.
+    ``judged`` = (judgement key prefix, TTL in seconds, the events' digests in KEYS order, ``count`` per key)
+    makes the call idempotent per event (see the script's header).
 
     Floats are sent with ``repr`` (exact round trip), so the script computes with the very values Python does."""
     profiles: dict[Limits, int] = {}
     which = [profiles.setdefault(lim, len(profiles) + 1) for _, lim in batch]
     table = [a for lim in profiles for a in (repr(lim.interval_us), repr(lim.tolerance_us), str(lim.per_day))]
+    prefix, ttl, digests = judged if judged is not None else ("", 0, ())
     return ["" if now_us is None else str(now_us), " ".join(str(c) for c, _ in batch),
-            " ".join(map(str, which)), *table]
+            " ".join(map(str, which)), prefix, str(ttl), b"".join(digests), *table]

@@ -16,6 +16,16 @@ def state_key(prefix: str, stream: str, tenant: str) -> str:
     return f"{prefix}:q:{stream}:{{{tenant}}}"
 
 
+def judged_prefix(prefix: str, stream: str) -> str:
+    """``prefix:qj:stream:``: where the quota script keeps each event's verdict until its batch commits."""
+    return f"{prefix}:qj:{stream}:"
+
+
+def judged_key(prefix: str, stream: str, tenant: str, digest: bytes) -> bytes:
+    """``prefix:qj:stream:{tenant}<digest>``: one event's verdict, in its tenant's slot (the state key's)."""
+    return f"{judged_prefix(prefix, stream)}{{{tenant}}}".encode() + digest
+
+
 def state_key_pattern(prefix: str) -> str:
     """A ``SCAN MATCH`` pattern for every state key under ``prefix``."""
     return f"{prefix}:q:*"
@@ -30,9 +40,9 @@ def parse_key(prefix: str, key: str) -> tuple[str, str] | None:
     return (stream, tenant) if sep else None
 
 
-def group_by_slot(keys: Sequence[str]) -> dict[int, list[int]]:
+def group_by_slot(keys: Sequence[str | bytes]) -> dict[int, list[int]]:
     """Indices of ``keys`` per Redis Cluster slot: one script call per slot (a script's keys share a slot)."""
     groups: dict[int, list[int]] = {}
     for i, k in enumerate(keys):
-        groups.setdefault(key_slot(k.encode()), []).append(i)
+        groups.setdefault(key_slot(k.encode() if isinstance(k, str) else k), []).append(i)
     return groups

@@ -58,16 +58,19 @@ class PostgresOverrides:
             return -1
 
     async def load(self) -> tuple[int, list[Override]]:
+        """The version and every override, from one snapshot: ONE statement, so no explicit transaction (no
+        BEGIN/COMMIT on the writer's connections besides the batches' own)."""
         try:
-            async with self._pool.acquire(timeout=self.acquire_timeout_s) as conn, \
-                    conn.transaction(isolation="repeatable_read", readonly=True):
-                version = int(await conn.fetchval(f"SELECT version FROM {ident(self._tables.version)}") or 0)
+            async with self._pool.acquire(timeout=self.acquire_timeout_s) as conn:
                 rows = await conn.fetch(
-                    f"SELECT tenant_id, stream, per_second, burst, per_day FROM {ident(self._tables.overrides)}")
+                    f"""SELECT v.version, o.tenant_id, o.stream, o.per_second, o.burst, o.per_day
+                        FROM (SELECT max(version) AS version FROM {ident(self._tables.version)}) AS v
+                        LEFT JOIN {ident(self._tables.overrides)} AS o ON true""")
         except asyncpg.UndefinedTableError:
             self._missing()
             return -1, []
-        return version, [_override(r) for r in rows]
+        version = int(rows[0][0] or 0) if rows else 0
+        return version, [Override(r[1], r[2], r[3], r[4], r[5]) for r in rows if r[1] is not None]
 
 
 async def select(conn: Conn, tables: OverrideTables, tenant: str | None = None) -> list[Override]:

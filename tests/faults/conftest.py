@@ -163,9 +163,19 @@ def published() -> Published:
     return Published()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Keep each phase's report on the item (``item.rep_call``), so fixtures can tell a failed test at teardown."""
+    report: pytest.TestReport = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def spawn(config: Config, tmp_path: Path) -> Iterator[Callable[..., Consumer]]:
-    """``spawn(env, stream="all", *extra, name="consumer")`` -> a running ``ingest consume`` process."""
+def spawn(config: Config, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Consumer]]:
+    """``spawn(env, stream="all", *extra, name="consumer")`` -> a running ``ingest consume`` process. When the test
+    failed, the end of every consumer's log is printed (the temporary directory holding the logs may be gone by the
+    time anyone looks)."""
     started: list[Consumer] = []
 
     def make(env: dict[str, str], stream: str = "all", *extra: str, name: str = "consumer") -> Consumer:
@@ -176,6 +186,11 @@ def spawn(config: Config, tmp_path: Path) -> Iterator[Callable[..., Consumer]]:
     yield make
     for consumer in started:
         consumer.kill()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for consumer in started:
+            print(f"\n--- log of {consumer.name} (pid {consumer.proc.pid}, last 30,000 characters)\n"
+                  f"{consumer.log(tail=30_000)}")
 
 
 @pytest.fixture

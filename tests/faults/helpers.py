@@ -9,7 +9,8 @@
 - ``Consumer``: an ``ingest consume`` child process with its own metrics port and a log file: ``metric``,
   ``reached`` / ``at_most`` (metric threshold checks for ``wait_until``), ``http`` (``/readyz``), ``alive``, ``terminate``,
   ``kill``, ``log``, ``client_id``.
-- ``progress``, ``wait_until``, ``wait_event``, ``wait_caught_up`` (bounded polling) and ``check_invariants``
+- ``progress``, ``wait_until``, ``wait_event``, ``wait_caught_up``, ``wait_positioned`` (bounded polling) and
+  ``check_invariants``
   (the assertion every case ends with: each published event stored exactly once or dead-lettered, nothing
   twice, the ledger agrees, stored offsets at the end of every partition).
 """
@@ -378,6 +379,33 @@ async def wait_caught_up(url: str, config: Config, published: Published, *, cons
         return await wait_until(done, timeout, "the stored offsets to reach the end", consumers=consumers)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nprogress {last}, published {dict(published.records)}") from None
+
+
+async def wait_positioned(url: str, config: Config, stream_names: Iterable[str], *, consumers: Iterable[Consumer] = (),
+                          timeout: float = 60) -> float:
+    """Wait until every partition of each stream has a stored position (a ``consumer_offsets`` row >= 0 for each of
+    ``config.topic_partitions``): from then on the only transactions a consumer commits are its batches'. A case
+    that acts on "the n-th COMMIT" must arm its trigger only after this."""
+    names = list(stream_names)
+
+    async def positioned() -> bool:
+        try:
+            conn = await asyncpg.connect(url, timeout=3)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return False
+        try:
+            for name in names:
+                s = streams.STREAMS[name]
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM consumer_offsets WHERE group_id = $1 AND topic = $2 AND next_offset >= 0",
+                    s.group_for(config), s.topic_for(config))
+                if n < config.topic_partitions:
+                    return False
+            return True
+        finally:
+            await conn.close()
+
+    return await wait_until(positioned, timeout, f"every partition of {names} positioned", consumers=consumers)
 
 
 async def check_invariants(url: str, config: Config, published: Published, *,

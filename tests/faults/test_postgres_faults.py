@@ -22,6 +22,7 @@ from tests.faults.helpers import (
     publish_mix,
     wait_caught_up,
     wait_event,
+    wait_positioned,
     wait_until,
 )
 from tests.faults.proxy import CUT_AFTER, CUT_BEFORE, HOLD, Proxy, pg_query
@@ -36,23 +37,23 @@ async def publish_both(config: Config, published: Published, seed: int) -> None:
     await publish_mix(config, published, "audit", 1000, tenants=6, dup_rate=0.1, invalid=4, seed=seed + 1)
 
 
-async def open_transactions(pg: PgCluster, db_url: str, *, wait_s: float = 10.0) -> int:
-    """Sessions of the test database idle inside a transaction (waiting for their client), once there is one or
-    ``wait_s`` passed. A backend reports "idle in transaction" just after it sent its reply, so the client's next
-    message (held at the proxy) can arrive before the backend's state does: on a loaded machine, that window is
-    long enough to read "active"."""
+async def open_transactions(pg: PgCluster, db_url: str) -> int:
+    """Sessions of the test database idle inside a transaction (waiting for their client)."""
     admin = await asyncpg.connect(pg.url())
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            n = int(await admin.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state = 'idle in transaction'",
-                db_url.rsplit("/", 1)[1]))
-            if n or time.monotonic() >= deadline:
-                return n
-            await asyncio.sleep(0.05)
+        return int(await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state = 'idle in transaction'",
+            db_url.rsplit("/", 1)[1]))
     finally:
         await admin.close()
+
+
+def in_transaction(pg: PgCluster, db_url: str) -> Callable[[], Awaitable[bool]]:
+    """A ``wait_until`` check: a session of the test database is idle inside a transaction (the state a held
+    statement leaves its session in), as ``pg_stat_activity`` shows it."""
+    async def check() -> bool:
+        return await open_transactions(pg, db_url) >= 1
+    return check
 
 
 async def test_checker_catches_doubles_losses_and_lagging_offsets(config: Config, db_url: str) -> None:
@@ -125,7 +126,8 @@ async def test_postgres_restart_mid_transaction(
     hold = pg_proxy.on(b'COPY "webhook_events"', HOLD, skip=3)
     consumer = spawn({**env, **CASE_ENV})
     await wait_event(hold.fired, 60, "the 4th webhook COPY", consumers=[consumer])
-    assert await open_transactions(pg, db_url) >= 1, "the held COPY should be inside an open transaction"
+    await wait_until(in_transaction(pg, db_url), 10, "the held COPY's session to show idle in transaction",
+                     consumers=[consumer])
     await asyncio.to_thread(pg.stop, "fast")
     hold.release()  # the held COPY now meets a closed server connection
     await wait_until(consumer.reached("ingest_paused", 1, stream="webhook", reason="postgres"), 30,
@@ -156,7 +158,8 @@ async def test_postgres_restart_mid_commit(
     hold = pg_proxy.on(pg_query("COMMIT;"), HOLD, skip=4)
     consumer = spawn({**env, **CASE_ENV}, "webhook")
     await wait_event(hold.fired, 60, "the 5th COMMIT", consumers=[consumer])
-    assert await open_transactions(pg, db_url) >= 1, "the held COMMIT's transaction should still be open"
+    await wait_until(in_transaction(pg, db_url), 10, "the held COMMIT's transaction to show as still open",
+                     consumers=[consumer])
     await asyncio.to_thread(pg.restart, "immediate")
     hold.release()
     await wait_until(consumer.reached("ingest_retries_total", 1, component="postgres"), 30,
@@ -186,8 +189,12 @@ async def test_connection_cut_during_commit(
     # before the trigger is armed: the cut lands on a batch of the second backlog, never inside start-up.
     await publish_mix(config, published, "webhook", 200, tenants=6, seed=seed + 100)
     await publish_mix(config, published, "audit", 100, tenants=6, seed=seed + 101)
-    consumer = spawn({**env, **CASE_ENV})
+    consumer = spawn({**env, **CASE_ENV, "INGEST_LOG_LEVEL": "INFO"})  # INFO: how each retry ended
     await wait_caught_up(db_url, config, published, consumers=[consumer], timeout=60)
+    # Every partition must hold a position before the trigger counts COMMITs: a partition positioned later (one
+    # the first backlog left empty, assigned late) commits its first position in a transaction of its own, and a
+    # cut of that COMMIT would fail no batch.
+    await wait_positioned(db_url, config, ["webhook", "audit"], consumers=[consumer])
     cut = pg_proxy.on(pg_query("COMMIT;"), action, skip=1)
     await publish_both(config, published, seed=seed)
     await wait_event(cut.done, 60, f"{action} at the 2nd COMMIT of the second backlog", consumers=[consumer])
@@ -196,6 +203,8 @@ async def test_connection_cut_during_commit(
     if action == CUT_AFTER:
         await wait_until(consumer.reached("ingest_fenced_batches_total", 1), 30,
                          "the retry of the batch that did commit to be fenced", consumers=[consumer])
+        ended = [line for line in consumer.log(tail=10**7).splitlines() if '"retried write ended"' in line]
+        assert ended and all('"outcome": "fenced"' in line for line in ended), ended
     await wait_caught_up(db_url, config, published, consumers=[consumer], timeout=90)
     await wait_until(consumer.at_most("ingest_paused", 0), 15, "the pause to end", consumers=[consumer])
     retries = await consumer.ametric("ingest_retries_total", component="postgres")

@@ -21,11 +21,11 @@ class FlakyRedis:
         self.error = error
 
     def register_script(self, _source: str) -> Any:
-        async def call(*, args: list[Any]) -> bytes:
+        async def call(*, keys: list[Any], args: list[Any]) -> bytes:
             self.calls += 1
             if self.down:
                 raise self.error
-            return b"1" * (len(args[1]) // DIGEST_SIZE)
+            return b"1" * (sum(len(blob) for blob in args[:len(keys)]) // DIGEST_SIZE)  # one blob per bucket
         return call
 
 

@@ -59,10 +59,15 @@ class FakeQuota:
         self.log, self.over = log, set(over)
         self.asked: list[list[str]] = []
 
-    async def admit(self, tenants: Sequence[str]) -> list[bool]:
+        self.settled: list[list[tuple[str, str]]] = []
+
+    async def admit(self, tenants: Sequence[str], keys: Sequence[tuple[str, str]] | None = None) -> list[bool]:
         self.asked.append(list(tenants))
         self.log.append(Call("quota", "", tuple(tenants)))
         return [t not in self.over for t in tenants]
+
+    async def settle(self, keys: Sequence[tuple[str, str]]) -> None:
+        self.settled.append(list(keys))
 
 
 def label(call: Call) -> str:

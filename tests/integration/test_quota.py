@@ -136,6 +136,31 @@ async def test_burst_then_rate_with_a_controlled_clock(config: Config, redis: Re
     assert all(v for t, v in zip(batch, verdicts, strict=True) if t != "t1")
 
 
+async def test_a_retried_batch_is_charged_once(config: Config, redis: Redis, pool: asyncpg.Pool) -> None:
+    """With the events' keys, judging the same events again (a retried batch) returns the first verdicts and
+    charges nothing; new events in the retry are judged after them; ``settle`` drops the verdicts, and only
+    for limited tenants."""
+    await set_quota(pool, "t9", per_second=1, burst=3)
+    clock = Clock()
+    q = make(config, redis, pool, clock=clock)
+    keys = [("t9", f"k{i}") for i in range(5)] + [("free", "f0")]
+    tenants = [k[0] for k in keys]
+    first = await q.admit(tenants, keys)
+    assert first == [True] * 3 + [False] * 2 + [True]
+    state = await redis.get(state_key(config.redis_prefix, "webhook", "t9"))
+    for _ in range(3):  # the retries: same verdicts, the state (TAT, used, denied) untouched
+        assert await q.admit(tenants, keys) == first
+        assert await redis.get(state_key(config.redis_prefix, "webhook", "t9")) == state
+    clock.t += 1.0  # one more token: a retry that also carries a new event charges only the new one
+    assert await q.admit(["t9", "t9", "t9"], [("t9", "k0"), ("t9", "k4"), ("t9", "k5")]) == [True, False, True]
+    assert parse_state(await redis.get(state_key(config.redis_prefix, "webhook", "t9"))).used == 4  # type: ignore[union-attr]
+    judged = [k async for k in redis.scan_iter(match=f"{config.redis_prefix}:qj:*", count=1000)]
+    assert len(judged) == 6  # t9's six events; the unlimited tenant's event is never kept
+    await q.settle([*keys, ("t9", "k5")])
+    assert [k async for k in redis.scan_iter(match=f"{config.redis_prefix}:qj:*", count=1000)] == []
+    assert await q.admit(["t9"], [("t9", "k0")]) == [False]  # settled: judged afresh (a replay), bucket empty
+
+
 async def test_daily_cap_and_utc_rollover(config: Config, redis: Redis, pool: asyncpg.Pool) -> None:
     await set_quota(pool, "t2", per_day=1000)
     clock = Clock(datetime(2024, 3, 1, 23, 59, 58, tzinfo=UTC).timestamp())

@@ -30,9 +30,12 @@ class CountingQuota:
         self.calls = 0
         self.deny = deny or set()
 
-    async def admit(self, tenants: Sequence[str]) -> list[bool]:
+    async def admit(self, tenants: Sequence[str], keys: Sequence[tuple[str, str]] | None = None) -> list[bool]:
         self.calls += 1
         return [t not in self.deny for t in tenants]
+
+    async def settle(self, keys: Sequence[tuple[str, str]]) -> None:
+        pass
 
 
 @pytest.fixture
@@ -130,9 +133,12 @@ class StallingQuota:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    async def admit(self, tenants: Sequence[str]) -> list[bool]:
+    async def admit(self, tenants: Sequence[str], keys: Sequence[tuple[str, str]] | None = None) -> list[bool]:
         await asyncio.sleep(self.seconds)
         return [True] * len(tenants)
+
+    async def settle(self, keys: Sequence[tuple[str, str]]) -> None:
+        pass
 
 
 async def test_an_idle_batch_transaction_is_ended_by_the_server_and_frees_its_offset_rows(
@@ -157,9 +163,12 @@ async def test_batch_transactions_carry_the_idle_timeout(config: Config, pool: a
     seen: list[str] = []
 
     class Probe:
-        async def admit(self, tenants: Sequence[str]) -> list[bool]:  # runs inside the batch transaction
-            seen.append(await conn.fetchval("SHOW idle_in_transaction_session_timeout"))
+        async def admit(self, tenants: Sequence[str], keys: Sequence[tuple[str, str]] | None = None) -> list[bool]:
+            seen.append(await conn.fetchval("SHOW idle_in_transaction_session_timeout"))  # inside the transaction
             return [True] * len(tenants)
+
+        async def settle(self, keys: Sequence[tuple[str, str]]) -> None:
+            pass
 
     async with pool.acquire() as conn:
         start = await offsets.load(conn, "consumer_offsets", STREAM.group_for(config), STREAM.topic_for(config), [0])

@@ -35,6 +35,10 @@ def register(sub: Any) -> None:
     p.add_argument("--prefill-keys", type=args_.non_negative_int, default=0, metavar="N",
                    help="keys put in the dedupe ledger before the run (steady state of a deployment that has run "
                         "for its dedupe window, e.g. 10000000)")
+    p.add_argument("--sample", type=float, default=0.0, metavar="SECONDS",
+                   help="with --rate: record RSS, open fds, Postgres connections, Redis memory and keys, lag and "
+                        "p99 every SECONDS (a soak; run it against a Redis of its own)")
+    p.add_argument("--chart", type=Path, default=None, metavar="PNG", help="with --sample: draw the samples to PNG")
     p.add_argument("--json-file", type=Path, default=None, metavar="FILE",
                    help="also write the figures as JSON to FILE")
     args_.add_json(p, "the figures as one JSON document (instead of the table)")
@@ -48,11 +52,21 @@ async def _bench(args: argparse.Namespace, config: Config) -> int:
     opts = BenchOptions(events=args.events, tenants=args.tenants, dup_rate=args.dup_rate,
                         invalid_rate=args.invalid_rate, stream=args.stream, partitions=args.partitions,
                         rate=args.rate, duration=args.duration,
-                        prefill_keys=args.prefill_keys)
+                        prefill_keys=args.prefill_keys, sample=args.sample)
     if opts.rate:
         opts.events = int(opts.rate * opts.duration)
+    if opts.sample and not opts.rate:
+        print("--sample needs --rate (a steady-rate run)")
+        return 2
     figures = await bench(config, opts)
-    print(orjson.dumps(figures).decode() if args.json else table(figures))
+    samples = figures.get("samples", [])
+    print(orjson.dumps(figures).decode() if args.json
+          else table({k: v for k, v in figures.items() if k != "samples"}))
+    if args.chart and samples:
+        import consumers.cli.soak as soak
+
+        soak.chart([soak.Sample(**s) for s in samples], args.chart,
+                   f"ingest bench --rate {args.rate:g} --duration {args.duration:g} --sample {args.sample:g}")
     if args.json_file:
         args.json_file.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
     return 0

@@ -82,7 +82,7 @@ async def _up(args: argparse.Namespace, config: Config) -> int:
         pool = await create_pool(with_database(config.database_url, "postgres"), max_size=1)
         await pool.close()
     if "redis" in wanted:
-        redis = await connect_redis(config.redis_url)
+        redis = await connect_redis(config.redis_url, cluster=config.redis_cluster)
         await redis.aclose()
     if "kafka" in wanted:
         # One embedded broker: replication factor 1 is all it can hold (production topics: `ingest topics ensure`).

@@ -136,7 +136,7 @@ def _row_json(r: quotas.UsageRow) -> dict[str, Any]:
 async def _show(config: Config, tenant: str | None, *, as_json: bool = False) -> int:
     pool = await create_pool(maintenance_url(config), max_size=1)
     try:
-        redis = await connect_redis(config.redis_url)
+        redis = await connect_redis(config.redis_url, cluster=config.redis_cluster)
         try:
             async with pool.acquire() as conn:
                 rows = await quotas.usage_rows(redis, conn, config, tenant)
@@ -164,7 +164,7 @@ async def _show(config: Config, tenant: str | None, *, as_json: bool = False) ->
 
 
 async def _reset(args: argparse.Namespace, config: Config) -> int:
-    redis = await connect_redis(config.redis_url)
+    redis = await connect_redis(config.redis_url, cluster=config.redis_cluster)
     try:
         deleted = await quotas.reset(redis, config, args.tenant)
     except ValueError as exc:

@@ -103,8 +103,10 @@ def test_local_limiter_forgets_expired_states_beyond_100000_keys() -> None:
 def test_script_args_share_profiles_and_send_exact_floats() -> None:
     a, b = Limits(per_second=3, burst=7), Limits(per_day=9)
     args = script_args(T0, [(4, a), (1, b), (2, a)])
-    assert args == [str(T0), "4 1 2", "1 2 1", repr(US / 3), repr(7 * (US / 3)), "0", "0.0", "0.0", "9"]
-    assert float(args[3]) == a.interval_us and float(args[4]) == a.tolerance_us  # repr round-trips exactly
+    assert args == [str(T0), "4 1 2", "1 2 1", "", "0", b"", repr(US / 3), repr(7 * (US / 3)), "0", "0.0", "0.0", "9"]
+    judged = script_args(T0, [(2, b)], ("ingest:qj:webhook:", 60, [b"a" * 16, b"b" * 16]))
+    assert judged[3:6] == ["ingest:qj:webhook:", "60", b"a" * 16 + b"b" * 16]
+    assert float(args[6]) == a.interval_us and float(args[7]) == a.tolerance_us  # repr round-trips exactly
     assert script_args(None, [(1, b)])[0] == ""  # the script then reads Redis TIME
 
 

@@ -26,13 +26,13 @@ class FakeScript:
         self.owner = owner
         self.sha = "x"
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[str]) -> list[int]:
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> list[int]:
         self.owner.calls.append((list(keys), list(args)))
         if self.owner.down:
             raise RedisConnectionError("Connection refused")
         now = int(args[0])
         counts, which = args[1].split(), args[2].split()
-        profiles = [args[i:i + 3] for i in range(3, len(args), 3)]
+        profiles = [args[i:i + 3] for i in range(6, len(args), 3)]  # after now, counts, which, 3 judged fields
         out = []
         for key, count, p in zip(keys, counts, which, strict=True):
             interval, tau, cap = profiles[int(p) - 1]
@@ -46,7 +46,7 @@ class FakeScript:
 
 class FakeRedis:
     def __init__(self) -> None:
-        self.calls: list[tuple[list[str], list[str]]] = []
+        self.calls: list[tuple[list[str], list[Any]]] = []
         self.states: dict[str, State] = {}
         self.down = False
         self.pings = 0
@@ -97,7 +97,7 @@ async def test_only_limited_tenants_are_sent_and_verdicts_follow_batch_order() -
     assert len(redis.calls) == 1
     keys, args = redis.calls[0]
     assert keys == [state_key("p", "webhook", "x")]
-    assert args[1:] == ["4", "1", repr(1e6), repr(2e6), "0"]  # x's four events in one entry, one profile
+    assert args[1:] == ["4", "1", "", "0", b"", repr(1e6), repr(2e6), "0"]  # x's four events in one entry, one profile
     m = q.metrics.registry
     assert m.get_sample_value("ingest_quota_decisions_total", {"stream": "webhook", "decision": "denied"}) == 2
     assert m.get_sample_value("ingest_quota_decisions_total", {"stream": "webhook", "decision": "admitted"}) == 2
