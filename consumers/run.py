@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from consumers import quotas, streams
 from consumers.streams import Stream
-from ingest import migrate, partitions
+from ingest import ledger, migrate, partitions
 from ingest import roles as pg_roles
 from ingest.breaker import Breaker
 from ingest.broker import ensure_topics
@@ -83,7 +83,8 @@ def role_tables() -> pg_roles.GrantTables:
 
 
 async def ensure_partitions(conn: Conn, config: Config) -> list[str]:
-    """Partitions for every stream over [now - retention, now + premake]; one process at a time."""
+    """Partitions for every stream over [now - retention, now + premake], and the ledger's epochs; one process
+    at a time."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
         return []
     try:
@@ -93,6 +94,9 @@ async def ensure_partitions(conn: Conn, config: Config) -> list[str]:
             created += await partitions.ensure(
                 conn, p.table, first=today - p.retention, last=today + p.premake, granularity=p.granularity,
                 lock_timeout_ms=config.partitions.lock_timeout_ms)
+        policy = ledger_policy(config)
+        created += (await ledger.roll(conn, policy.table, window=policy.window, epochs=policy.epochs,
+                                      now=datetime.now(UTC), lock_timeout_ms=config.partitions.lock_timeout_ms)).created
         return created
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
@@ -110,8 +114,8 @@ def maintenance(config: Config, rt: Runtime, pool: asyncpg.Pool | None = None) -
 
 
 def ledger_policy(config: Config) -> LedgerPolicy:
-    """Expiry of the dedupe ledger (shared by every stream) after the dedupe window."""
-    return LedgerPolicy(streams.shared_tables().ledger, config.dedupe.window)
+    """The dedupe ledger's epochs (shared by every stream): the window cut into ``INGEST_DEDUPE_EPOCHS``."""
+    return LedgerPolicy(streams.shared_tables().ledger, config.dedupe.window, config.dedupe.epochs)
 
 
 def dead_letter_policy(config: Config) -> DeadLetterPolicy | None:

@@ -16,7 +16,7 @@ from ingest.quota.overrides import OverrideTables
 from ingest.writer import StreamTables
 
 META_COLUMNS = ("kafka_timestamp", "source_partition", "source_offset")
-SHARED_TABLES = {"dead_letters": "dead_letters", "ledger": "dedupe_keys", "offsets": "consumer_offsets",
+SHARED_TABLES = {"dead_letters": "dead_letters", "ledger": "dedupe_ledger", "offsets": "consumer_offsets",
                  "offset_changes": "offset_changes"}
 """The tables every stream shares: dead letters, the dedupe ledger, stored positions and their changes."""
 

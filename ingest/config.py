@@ -27,10 +27,11 @@ class BatchLimits:
 @dataclass(frozen=True, slots=True)
 class DedupeConfig:
     """A (stream, tenant, idempotency key) seen within ``window`` is a duplicate; Redis remembers keys for
-    ``hint_ttl`` (a hint only: Postgres covers the whole window)."""
+    ``hint_ttl`` (a hint only: Postgres covers the whole window, cut into ``epochs`` ledger partitions)."""
 
     window: timedelta
     hint_ttl: timedelta
+    epochs: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,7 @@
-"""Dedupe by (stream, tenant_id, idempotency_key): in-batch set, Redis hint, Postgres ledger (the truth).
+"""Redis dedupe hints: the fast path in front of the Postgres ledger (``ingest.ledger``, the truth).
 
 Rules: Redis only ever learns a key *after* the Postgres transaction that stored it committed, so a Redis "seen"
 is always backed by Postgres, and a Redis that forgot (flushed, restarted, down) only costs a ledger lookup.
-The ledger claim runs inside the batch transaction; a key counts as new when it is absent or older than the
-dedupe window.
 """
 
 from __future__ import annotations
@@ -24,10 +22,9 @@ from ingest.metrics import Metrics
 from ingest.quota.keys import group_by_slot
 from ingest.rows import Key
 from ingest.services import REDIS_UNAVAILABLE
-from ingest.sql import ident
 
 if TYPE_CHECKING:
-    from ingest.sql import Conn
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -155,30 +152,3 @@ class RedisHints:
         self._off_until = self._monotonic() + self._cooldown_s
         log.warning("redis dedupe hints failed; Postgres decides alone for a while",
                     extra={"call": what, "error": type(exc).__name__, "off_for_s": self._cooldown_s})
-
-
-async def claim(
-    conn: Conn, table: str, stream: str, keys: Sequence[Key], window: timedelta
-) -> set[Key]:
-    """Insert keys into the ledger inside the caller's transaction; return those that were new (or expired)."""
-    if not keys:
-        return set()
-    rows = await conn.fetch(
-        f"""INSERT INTO {ident(table)} AS l (stream, tenant_id, idempotency_key, seen_at)
-            SELECT $1, t, k, now() FROM unnest($2::text[], $3::text[]) AS u(t, k)
-            ON CONFLICT (stream, tenant_id, idempotency_key)
-            DO UPDATE SET seen_at = excluded.seen_at WHERE l.seen_at < excluded.seen_at - $4::interval
-            RETURNING tenant_id, idempotency_key""",
-        stream, [k[0] for k in keys], [k[1] for k in keys], window,
-    )
-    return {(r[0], r[1]) for r in rows}
-
-
-async def unclaim(conn: Conn, table: str, stream: str, keys: Sequence[Key]) -> None:
-    """Remove keys claimed in this transaction whose rows will not be stored (over quota, refused by Postgres)."""
-    if keys:
-        await conn.execute(
-            f"""DELETE FROM {ident(table)} l USING unnest($2::text[], $3::text[]) AS u(t, k)
-                WHERE l.stream = $1 AND l.tenant_id = u.t AND l.idempotency_key = u.k""",
-            stream, [k[0] for k in keys], [k[1] for k in keys],
-        )

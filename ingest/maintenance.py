@@ -11,9 +11,9 @@ Rules kept here:
   ``<export_dir>/<table>_pYYYYMMDD.csv.gz`` before the partition is detached; a failed export keeps it.
 - Rows in the DEFAULT partition are counted every round (``MaintenanceReport.default_rows``, and the gauge with
   ``metrics``).
-- The dedupe ledger (optional ``ledger``) loses keys older than its window, in chunks of ``chunk`` rows per
-  transaction and at most ``budget_s`` seconds per round (the next round goes on). A key past the window already
-  counts as new when it comes again, so deleting it changes no verdict; it only stops the ledger growing forever.
+- The dedupe ledger (optional ``ledger``) is rolled (``ingest.ledger.roll``): the current and next epochs'
+  partitions are created, epochs due are opened, and an epoch wholly older than the window is dropped. Its keys
+  already count as new when they come again, so dropping it changes no verdict.
 - Dead letters (optional ``dead_letters``) older than their retention are deleted the same way (``ingest.dlq.purge``:
   replayed or not, but never one younger than the retention).
 """
@@ -35,7 +35,7 @@ from typing import IO, TYPE_CHECKING, NamedTuple
 
 import asyncpg
 
-from ingest import dlq, partitions
+from ingest import dlq, ledger, partitions
 from ingest.metrics import Metrics
 from ingest.partitions import Partition
 from ingest.sql import ident
@@ -59,12 +59,11 @@ class TablePolicy(NamedTuple):
 
 
 class LedgerPolicy(NamedTuple):
-    """Expiry of the dedupe ledger: rows with ``seen_at`` older than ``window`` are deleted."""
+    """The dedupe ledger's epochs: ``window`` cut into ``epochs`` partitions (``ingest.ledger``)."""
 
     table: str
     window: timedelta
-    chunk: int = 5000
-    budget_s: float = 10.0
+    epochs: int = 2
 
 
 class DeadLetterPolicy(NamedTuple):
@@ -87,7 +86,7 @@ class MaintenanceReport:
     archived: list[str] = field(default_factory=list)
     exported: list[str] = field(default_factory=list)
     default_rows: dict[str, int] = field(default_factory=dict)
-    ledger_pruned: int = 0  # expired ledger keys deleted (with ``dry_run``: how many are expired)
+    ledger_pruned: int = 0  # keys in the expired ledger partitions dropped (estimated; ``dry_run``: to drop)
     dead_letters_pruned: int = 0  # dead letters past their retention deleted (``dry_run``: how many)
     lock_timeouts: int = 0
     errors: list[str] = field(default_factory=list)
@@ -242,28 +241,15 @@ class Maintenance:
                 self.metrics.ahead.labels(table).set((have[-1].end - now).total_seconds())
 
     async def _prune_ledger(self, conn: Conn, policy: LedgerPolicy, report: MaintenanceReport, *, dry_run: bool) -> None:
-        """Delete ledger keys older than the window, ``chunk`` per transaction, for at most ``budget_s``."""
-        table = ident(policy.table)
-        cutoff = self.clock().astimezone(UTC) - policy.window
-        if dry_run:
-            report.ledger_pruned = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE seen_at < $1", cutoff)
-            return
-        deadline = time.monotonic() + policy.budget_s
-        while True:
-            async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = {self.lock_timeout_ms}")
-                deleted = await conn.fetchval(
-                    f"""WITH gone AS (
-                            DELETE FROM {table} WHERE ctid = ANY(ARRAY(
-                                SELECT ctid FROM {table} WHERE seen_at < $1 LIMIT $2))
-                            RETURNING 1)
-                        SELECT count(*) FROM gone""",
-                    cutoff, policy.chunk)
-            report.ledger_pruned += deleted
-            if self.metrics and deleted:
-                self.metrics.ledger_pruned.inc(deleted)
-            if deleted < policy.chunk or time.monotonic() >= deadline:
-                return
+        """Roll the ledger's epochs (create ahead, open, drop past the window); names go to created/dropped."""
+        done = await ledger.roll(conn, policy.table, window=policy.window, epochs=policy.epochs,
+                                 now=self.clock().astimezone(UTC), lock_timeout_ms=self.lock_timeout_ms,
+                                 dry_run=dry_run)
+        report.created += done.created
+        report.dropped += done.dropped
+        report.ledger_pruned += done.keys_dropped
+        if self.metrics and done.keys_dropped and not dry_run:
+            self.metrics.ledger_pruned.inc(done.keys_dropped)
 
     async def _prune_dead_letters(self, conn: Conn, policy: DeadLetterPolicy, report: MaintenanceReport, *,
                                   dry_run: bool) -> None:

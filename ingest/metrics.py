@@ -74,7 +74,7 @@ class MaintenanceMetrics:
                                ["table", "action"], registry=r)
         self.ahead = Gauge("ingest_partition_coverage_ahead_seconds",
                            "End of the last partition minus now (should stay above a day).", ["table"], registry=r)
-        self.ledger_pruned = Counter("ingest_ledger_pruned", "Expired dedupe-ledger keys deleted.", registry=r)
+        self.ledger_pruned = Counter("ingest_ledger_pruned", "Keys in expired dedupe-ledger partitions dropped (estimated from statistics).", registry=r)
         self.last_success = Gauge("ingest_partition_maintenance_last_success_timestamp_seconds",
                                   "Unix time of the last completed maintenance round.", registry=r)
         self.default_rows = Gauge("ingest_default_partition_rows",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from ingest import ledger
 from ingest.sql import ident
 
 if TYPE_CHECKING:
@@ -96,13 +97,14 @@ def grants(roles: Roles, tables: GrantTables) -> list[Grant]:
     """Everything the writer and the reader may do; the owner owns the objects and needs no grant.
 
     The writer's list mirrors the hot path's statements (``offsets``, ``dedupe``, ``writer``, the quota
-    overrides reader): COPY into the event tables (never SELECT), claim/unclaim keys in the ledger, COPY dead
+    overrides reader): COPY into the event tables (never SELECT), claim/unclaim keys in the ledger and open its due epoch, COPY dead
     letters, read and advance offsets, record position changes, read quota overrides. The reader may SELECT the event tables only,
     filtered by the tenant policy."""
     w, r = roles.writer, roles.reader
     out = [Grant("INSERT", t, w) for t in tables.events]
-    out += [Grant("SELECT", tables.ledger, w), Grant("INSERT", tables.ledger, w),
-            Grant("UPDATE", tables.ledger, w, ("seen_at",)), Grant("DELETE", tables.ledger, w)]
+    epochs = ledger.epochs_table(tables.ledger)
+    out += [Grant("SELECT", tables.ledger, w), Grant("INSERT", tables.ledger, w), Grant("DELETE", tables.ledger, w),
+            Grant("SELECT", epochs, w), Grant("UPDATE", epochs, w, ("opened_at",))]
     out += [Grant("INSERT", tables.dead_letters, w)]
     out += [Grant("SELECT", tables.offsets, w), Grant("INSERT", tables.offsets, w),
             Grant("UPDATE", tables.offsets, w, ("next_offset", "updated_at")),

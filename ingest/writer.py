@@ -8,20 +8,24 @@ and the whole transaction rolls back, so the caller can retry the batch as a uni
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import asyncpg
 
-from ingest import dedupe, offsets
+from ingest import ledger, offsets
 from ingest.quota import Quota
 from ingest.reject import Reason
 from ingest.rows import DEAD_LETTER_COLUMNS, Candidate, DeadLetter, Key
 
 if TYPE_CHECKING:
     from ingest.sql import Conn
+
+log = logging.getLogger(__name__)
 
 
 
@@ -59,11 +63,27 @@ class Writer:
     """A batch transaction left idle this long (its process died, hung or lost its network) is ended by the
     server, so it cannot hold its partitions' offset rows, and with them the next owner, for hours."""
 
+    EPOCH_CHECK_S = 60.0
+    """How often a writer looks for a ledger epoch that is due to open (maintenance opens them too)."""
+
     def __init__(self, *, stream: str, group: str, topic: str, tables: StreamTables, window: timedelta,
-                 quota: Quota, idle_timeout_ms: int = IDLE_TIMEOUT_MS) -> None:
+                 quota: Quota, idle_timeout_ms: int = IDLE_TIMEOUT_MS,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.stream, self.group, self.topic = stream, group, topic
         self.tables, self.window, self.quota = tables, window, quota
         self.idle_timeout = str(int(idle_timeout_ms))
+        self._monotonic = monotonic
+        self._epoch_check_at = monotonic() + self.EPOCH_CHECK_S  # at start, ``ensure_partitions`` opened them
+
+    async def _open_due_epoch(self, conn: Conn) -> None:
+        """At most every ``EPOCH_CHECK_S``: open a ledger epoch whose start has passed (a failure only delays it)."""
+        if self._monotonic() < self._epoch_check_at:
+            return
+        self._epoch_check_at = self._monotonic() + self.EPOCH_CHECK_S
+        try:
+            await ledger.open_due(conn, self.tables.ledger)
+        except asyncpg.LockNotAvailableError:
+            log.warning("dedupe ledger epoch not opened: lock timeout; retrying later", extra={"stream": self.stream})
 
     async def write(
         self, conn: Conn, candidates: Sequence[Candidate], dead_letters: Sequence[DeadLetter],
@@ -73,6 +93,7 @@ class Writer:
 
         Quota verdicts are asked once per event: the careful replay after a data error reuses them, and the quota
         keeps them across attempts (a retry after a failed COMMIT is not charged again) until ``settle``."""
+        await self._open_due_epoch(conn)
         verdicts: dict[Key, bool] = {}
         try:
             result = await self._attempt(conn, candidates, dead_letters, expected, advance, verdicts, careful=False)
@@ -91,10 +112,11 @@ class Writer:
         result = WriteResult()
         async with conn.transaction():
             # Transaction-scoped (safe behind a transaction-mode pooler); see IDLE_TIMEOUT_MS.
-            await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', $1, true)",
-                               self.idle_timeout)
+            # The shared epoch lock (ingest.ledger's rule) is taken before the claim reads the open epoch.
+            await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', $1, true),"
+                               " pg_advisory_xact_lock_shared($2)", self.idle_timeout, ledger.EPOCH_LOCK)
             await offsets.fence_and_advance(conn, self.tables.offsets, self.group, self.topic, expected, advance)
-            new = await dedupe.claim(conn, self.tables.ledger, self.stream, [c.key for c in candidates], self.window)
+            new = await ledger.claim(conn, self.tables.ledger, self.stream, [c.key for c in candidates], self.window)
             fresh: list[Candidate] = []
             for c in candidates:
                 (fresh if c.key in new else result.duplicates).append(c)
@@ -107,7 +129,7 @@ class Writer:
                 for c in fresh:
                     (admitted if verdicts[c.key] else result.over_quota).append(c)
                 if result.over_quota:
-                    await dedupe.unclaim(conn, self.tables.ledger, self.stream, [c.key for c in result.over_quota])
+                    await ledger.unclaim(conn, self.tables.ledger, self.stream, [c.key for c in result.over_quota])
                 if careful:
                     await self._isolate(conn, admitted, result)
                 else:
@@ -148,7 +170,7 @@ class Writer:
                     c = chunk[0]
                     detail = f"Postgres refused the row: {exc.sqlstate} {str(exc)[:300]}"
                     result.refused.append(c.dead_letter(self.stream, Reason.DB_REJECTED, detail))
-                    await dedupe.unclaim(conn, self.tables.ledger, self.stream, [c.key])
+                    await ledger.unclaim(conn, self.tables.ledger, self.stream, [c.key])
                 else:
                     result.splits += 1
                     mid = len(chunk) // 2

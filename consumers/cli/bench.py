@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -31,7 +31,7 @@ import consumers.cli.sample as sample
 import consumers.cli.soak as soak
 from consumers import run, streams
 from consumers.cli.report import HOSTILE
-from ingest import kafka_options
+from ingest import kafka_options, ledger
 from ingest.broker import delete_topics
 from ingest.config import Config
 from ingest.consumer import StreamConsumer, Totals
@@ -217,27 +217,36 @@ async def _ceiling(config: Config, stream: streams.Stream, opts: BenchOptions, l
 
 
 async def _prefill(config: Config, stream: streams.Stream, keys: int, progress: bool) -> dict[str, Any]:
-    """Fill the dedupe ledger with ``keys`` keys spread over the dedupe window (none collides with the run's
-    keys), as a deployment that has run for a whole window holds them, then VACUUM ANALYZE it."""
+    """Fill the dedupe ledger with ``keys`` keys as a deployment that has run for a whole window holds them: spread
+    over the open epoch and the ``INGEST_DEDUPE_EPOCHS`` older ones a claim still probes (none collides with the
+    run's keys), then VACUUM ANALYZE it."""
     pool = await create_pool(config.database_url, max_size=1)
-    ledger = stream.tables().ledger
+    table = stream.tables().ledger
+    length = ledger.epoch_length(config.dedupe.window, config.dedupe.epochs)
     chunk = 1_000_000
     started = time.perf_counter()
     try:
         async with pool.acquire() as conn:
+            current = await conn.fetchval(f"SELECT max(epoch) FROM {ident(ledger.epochs_table(table))} WHERE opened_at IS NOT NULL")
+            epochs = [current - k * length for k in range(config.dedupe.epochs + 1)]
+            for k, epoch in enumerate(epochs[1:], 1):
+                await conn.execute(f"CREATE TABLE {ident(ledger.partition_name(table, epoch))} "
+                                   f"PARTITION OF {ident(table)} FOR VALUES IN ({int(epoch)})")
+                await conn.execute(f"INSERT INTO {ident(ledger.epochs_table(table))} VALUES ($1, now() - $2::interval)", epoch,
+                                   timedelta(seconds=k * length))
             bar = tqdm(total=keys, desc="prefill ledger", unit="key", disable=not progress, mininterval=1)
-            for first in range(0, keys, chunk):
-                n = min(chunk, keys - first)
+            for n, first in enumerate(range(0, keys, chunk)):
+                last = min(first + chunk, keys) - 1
                 await conn.execute(
-                    f"""INSERT INTO {ident(ledger)} (stream, tenant_id, idempotency_key, seen_at)
-                        SELECT $1, 'org-' || lpad((i % 1000)::text, 4, '0'), 'prefill_' || i,
-                               now() - $4::interval * random()
-                        FROM generate_series($2::bigint, $3::bigint) AS i""",
-                    stream.name, first, first + n - 1, config.dedupe.window)
-                bar.update(n)
+                    f"""INSERT INTO {ident(table)} (digest, epoch)
+                        SELECT substring(sha256(int8send(i)) FOR 16), $3 FROM generate_series($1::bigint, $2) AS i""",
+                    first, last, epochs[n % len(epochs)])
+                bar.update(last + 1 - first)
             bar.close()
-            await conn.execute(f"VACUUM ANALYZE {ident(ledger)}")
-            size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", ident(ledger))
+            await conn.execute(f"VACUUM ANALYZE {ident(table)}")
+            size = await conn.fetchval(
+                "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits WHERE inhparent = $1::regclass",
+                ident(table))
     finally:
         await pool.close()
     return {"prefill_keys": keys, "prefill_seconds": round(time.perf_counter() - started, 1),

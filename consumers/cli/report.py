@@ -39,12 +39,12 @@ async def summary_doc(conn: Conn) -> dict[str, Any]:
         assert row is not None
         tables[s.table] = {"rows": row[0], "tenants": row[1]}
     shared = streams.shared_tables()
-    ledger = await conn.fetch(f"SELECT stream, count(*) FROM {ident(shared.ledger)} GROUP BY stream ORDER BY stream")
+    ledger = await conn.fetchval(f"SELECT count(*) FROM {ident(shared.ledger)}")
     dead = await conn.fetch(f"SELECT stream, reason, count(*) FROM {ident(shared.dead_letters)} "
                             "GROUP BY 1, 2 ORDER BY 1, 3 DESC")
     offs = await conn.fetch(f"SELECT group_id, topic, sum(greatest(next_offset, 0)) FROM {ident(shared.offsets)} "
                             "GROUP BY 1, 2 ORDER BY 1, 2")
-    return {"tables": tables, "dedupe_ledger": {r[0]: r[1] for r in ledger},
+    return {"tables": tables, "dedupe_ledger": {"keys": ledger},
             "dead_letters": [{"stream": r[0], "reason": r[1], "count": r[2]} for r in dead],
             "progress": [{"group": r[0], "topic": r[1], "consumed": int(r[2])} for r in offs]}
 

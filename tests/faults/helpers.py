@@ -44,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumers import streams
 from consumers.cli import sample
+from ingest import ledger
 from ingest.broker import listening
 from ingest.config import Config
 from tests.conftest import free_port
@@ -422,6 +423,7 @@ async def check_invariants(url: str, config: Config, published: Published, *,
     conn = await asyncpg.connect(url, timeout=10)
     problems: list[str] = []
     summary: dict[str, dict[str, int]] = {}
+    claimed = 0  # keys the ledger must hold: every stream's stored keys, and nothing else
     try:
         for stream in streams.STREAMS:
             stored = await stored_keys(conn, stream)
@@ -451,17 +453,19 @@ async def check_invariants(url: str, config: Config, published: Published, *,
             if got != want:
                 problems.append(f"{stream}: invalid records: {sum((want - got).values())} not dead-lettered, "
                                 f"{sum((got - want).values())} dead-lettered twice")
-            ledger = {(r[0], r[1]) for r in await conn.fetch(
-                "SELECT tenant_id, idempotency_key FROM dedupe_keys WHERE stream = $1", stream)}
-            if ledger != set(stored):
-                problems.append(f"{stream}: ledger disagrees with the table: {len(ledger - set(stored))} claimed but "
-                                f"not stored, {len(set(stored) - ledger)} stored but not claimed")
+            unclaimed = set(stored) - await ledger.holds(conn, "dedupe_ledger", stream, list(stored))
+            if unclaimed:
+                problems.append(f"{stream}: {len(unclaimed)} stored but not in the ledger, e.g. {sorted(unclaimed)[:5]}")
+            claimed += len(stored)
             at = await offsets_total(conn, config, stream)
             if at != published.records[stream]:
                 problems.append(f"{stream}: stored offsets sum to {at}, published {published.records[stream]} records")
             summary[stream] = {"published": published.records[stream], "stored": sum(stored.values()),
                                "dead_letters": len(rows), "duplicates": published.records[stream] - len(rows)
                                - sum(stored.values()), "offsets": at}
+        held = await conn.fetchval("SELECT count(*) FROM dedupe_ledger")
+        if held != claimed:
+            problems.append(f"the ledger holds {held} keys for {claimed} stored events (claimed but not stored)")
     finally:
         await conn.close()
     assert not problems, "effectively-once invariant violated:\n" + "\n".join(problems)

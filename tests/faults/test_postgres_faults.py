@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import pytest
 
+from ingest import ledger
 from ingest.config import Config
 from tests.faults.helpers import (
     Consumer,
@@ -69,13 +70,29 @@ async def test_checker_catches_doubles_losses_and_lagging_offsets(config: Config
                 "INSERT INTO webhook_events (tenant_id, idempotency_key, event_type, source, occurred_at, payload, "
                 "kafka_timestamp, source_partition, source_offset) VALUES ($1, $2, 't', 's', now(), '{}', now(), 0, 0)",
                 e["tenant_id"], e["idempotency_key"])
-            await conn.execute("INSERT INTO dedupe_keys VALUES ('webhook', $1, $2, now())",
-                               e["tenant_id"], e["idempotency_key"])
+            async with conn.transaction():  # claimed as the writer does: under the shared epoch lock
+                await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", ledger.EPOCH_LOCK)
+                await ledger.claim(conn, "dedupe_ledger", "webhook", [(e["tenant_id"], e["idempotency_key"])],
+                                   config.dedupe.window)
         await conn.execute(
             "INSERT INTO dead_letters (stream, reason, detail, raw, source_topic, source_partition, source_offset) "
             "VALUES ('webhook', 'not_json', '', 'not json', 't', 0, 0)")
         await conn.execute("INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, 0, 5)",
                            f"{config.group_prefix}.webhook", f"{config.topic_prefix}events.webhook")
+        await check_invariants(db_url, config, published)
+
+        ghost = [("org-1", "ghost")]  # claimed but never stored
+        async with conn.transaction():
+            await ledger.claim(conn, "dedupe_ledger", "webhook", ghost, config.dedupe.window)
+        with pytest.raises(AssertionError, match="the ledger holds 4 keys for 3 stored events"):
+            await check_invariants(db_url, config, published)
+        async with conn.transaction():
+            await ledger.unclaim(conn, "dedupe_ledger", "webhook", ghost)
+            await ledger.unclaim(conn, "dedupe_ledger", "webhook", [("org-1", "k2")])
+        with pytest.raises(AssertionError, match=r"1 stored but not in the ledger, e.g. \[\('org-1', 'k2'\)\]"):
+            await check_invariants(db_url, config, published)
+        async with conn.transaction():
+            await ledger.claim(conn, "dedupe_ledger", "webhook", [("org-1", "k2")], config.dedupe.window)
         await check_invariants(db_url, config, published)
 
         await conn.execute("INSERT INTO webhook_events SELECT * FROM webhook_events LIMIT 1")

@@ -1,6 +1,6 @@
 """ingest.maintenance without services: one round against a fake catalog (a connection that records SQL and
 answers the catalog queries of ingest.partitions). The lock, the order and transaction of each DDL statement,
-lock timeouts and errors per step, dry runs, archive, export and the chunked ledger expiry.
+lock timeouts and errors per step, dry runs, archive, export and the ledger's roll.
 tests/integration/test_partitions.py runs the same module against a real Postgres."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from ingest import ledger
 from ingest.maintenance import LOCK_KEY, LedgerPolicy, Maintenance, MaintenanceReport, TablePolicy
 from ingest.metrics import Metrics
 from tests.fakes import Call, FakeConn, FakePool
@@ -44,7 +45,6 @@ class Catalog:
         self.lock_free = [True]  # answers to pg_try_advisory_lock, in turn (the last one repeats)
         self.default_rows = 0
         self.moved = 0
-        self.expired_keys = 0
         self.export = [b"id,received_at\n", b"1,2024-03-05\n"]
         self.fail: dict[str, BaseException] = {}
         self.conn = FakeConn(self.answer)
@@ -74,12 +74,6 @@ class Catalog:
             self.parts[m.group(1)] = date.fromisoformat(m.group(2))
         if m := re.search(r'DETACH PARTITION "public"\."(\w+)"', sql):
             del self.parts[m.group(1)]
-        if "seen_at < $1" in sql:
-            if "DELETE" not in sql:
-                return self.expired_keys
-            deleted = min(self.expired_keys, call.args[1])
-            self.expired_keys -= deleted
-            return deleted
         if call.method == "copy_from_query":
             return self.export
         return "OK"
@@ -265,17 +259,15 @@ async def test_a_failing_unlock_is_not_an_error() -> None:
 
 
 # -- dry run, archive, DEFAULT ----------------------------------------------------------------------------------
-async def test_dry_run_reports_without_locking_or_changing_anything() -> None:
+async def test_dry_run_reports_without_locking_or_changing_anything(rolls: list[dict[str, Any]]) -> None:
     catalog = Catalog()
-    catalog.expired_keys = 42
-    ledger = LedgerPolicy("dedupe_keys", window=timedelta(days=30))
-    m = maintenance(catalog, ledger=ledger)
+    m = maintenance(catalog, ledger=LedgerPolicy("led", window=timedelta(days=30)))
     report = await m.run_once(dry_run=True)
-    assert report == MaintenanceReport(created=CREATED, detached=EXPIRED, dropped=EXPIRED, default_rows={TABLE: 0},
-                            ledger_pruned=42, dry_run=True)
+    assert report == MaintenanceReport(created=[*CREATED, "led_e2"], detached=EXPIRED, dropped=[*EXPIRED, "led_e0"],
+                                       default_rows={TABLE: 0}, ledger_pruned=12, dry_run=True)
+    assert [r["dry_run"] for r in rolls] == [True]
     assert ddl(catalog.conn) == []
     assert not any("advisory" in s or "DELETE" in s for s in catalog.conn.statements())
-    assert catalog.expired_keys == 42
     assert sample(catalog, "ingest_partition_maintenance_runs_total", result="ok") is None
 
 
@@ -306,42 +298,41 @@ async def test_rows_in_default_are_counted_and_moved_into_new_partitions(caplog:
 
 
 # -- the dedupe ledger ------------------------------------------------------------------------------------------
-def deletes(conn: FakeConn) -> list[Call]:
-    return [c for c in conn.calls if c.sql.startswith("WITH gone AS")]
+# What a roll does to a real ledger is tested in tests/integration/test_ledger.py; here, how a round uses it.
+@pytest.fixture
+def rolls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+
+    async def roll(conn: Any, table: str, **kw: Any) -> ledger.Roll:
+        calls.append({"table": table, **kw})
+        return ledger.Roll(created=["led_e2"], dropped=["led_e0"], keys_dropped=12)
+
+    monkeypatch.setattr(ledger, "roll", roll)
+    return calls
 
 
-async def test_the_ledger_loses_keys_past_its_window_in_chunks() -> None:
+async def test_a_round_rolls_the_ledger_with_its_policy_and_counts_the_dropped_keys(
+        rolls: list[dict[str, Any]]) -> None:
     catalog = Catalog()
-    catalog.expired_keys = 12
-    m = maintenance(catalog, ledger=LedgerPolicy("ingest.dedupe_keys", window=timedelta(days=30), chunk=5))
-    report = await m.run_once()
-    assert report.ledger_pruned == 12 and catalog.expired_keys == 0
-    chunks = deletes(catalog.conn)
-    assert [c.args for c in chunks] == [(NOW - timedelta(days=30), 5)] * 3  # 5, 5, then 2: done
-    assert all('"ingest"."dedupe_keys"' in c.sql for c in chunks)
-    for c in chunks:  # one transaction per chunk, under the lock timeout
-        block = transaction_of(catalog.conn, catalog.conn.calls.index(c))
-        assert [x.sql for x in block] == ["SET LOCAL lock_timeout = 2000", c.sql]
+    report = await maintenance(catalog, ledger=LedgerPolicy("led", window=timedelta(days=30), epochs=3)).run_once()
+    assert rolls == [{"table": "led", "window": timedelta(days=30), "epochs": 3, "now": NOW,
+                      "lock_timeout_ms": 2000, "dry_run": False}]
+    assert "led_e2" in report.created and "led_e0" in report.dropped and report.ledger_pruned == 12
     assert sample(catalog, "ingest_ledger_pruned_total") == 12
 
 
-async def test_ledger_expiry_stops_at_its_time_budget() -> None:
+async def test_the_ledger_is_not_rolled_without_prune_and_a_lock_timeout_waits_for_the_next_round(
+        rolls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     catalog = Catalog()
-    catalog.expired_keys = 12
-    ledger = LedgerPolicy("dedupe_keys", window=timedelta(days=30), chunk=5, budget_s=0)
-    report = await maintenance(catalog, ledger=ledger).run_once()
-    assert report.ledger_pruned == 5 and len(deletes(catalog.conn)) == 1
+    policy = LedgerPolicy("led", window=timedelta(days=30))
+    assert (await maintenance(catalog, ledger=policy).run_once(prune=False)).ledger_pruned == 0
+    assert rolls == []
 
+    async def timeout(conn: Any, table: str, **kw: Any) -> ledger.Roll:
+        raise LOCK_TIMEOUT
 
-async def test_ledger_expiry_is_skipped_without_prune_and_gives_up_on_lock_timeout() -> None:
-    catalog = Catalog()
-    catalog.expired_keys = 12
-    ledger = LedgerPolicy("dedupe_keys", window=timedelta(days=30), chunk=5)
-    without_prune = maintenance(catalog, ledger=ledger, metrics=Metrics())
-    assert (await without_prune.run_once(prune=False)).ledger_pruned == 0
-    assert deletes(catalog.conn) == []
-    catalog.fail["^WITH gone AS"] = LOCK_TIMEOUT
-    report = await maintenance(catalog, ledger=ledger).run_once()
+    monkeypatch.setattr(ledger, "roll", timeout)
+    report = await maintenance(catalog, ledger=policy).run_once()
     assert report.lock_timeouts == 1 and report.ledger_pruned == 0 and report.dropped == EXPIRED
 
 

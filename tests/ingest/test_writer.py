@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingest import offsets
+from ingest import ledger, offsets
 from ingest.dedupe import Key
 from ingest.reject import Reason
 from ingest.rows import DEAD_LETTER_COLUMNS, Candidate, DeadLetter, SimpleRecord
@@ -22,7 +22,7 @@ from tests.fakes import Call, FakeConn
 TOPIC = "events.webhook"
 KAFKA_TIME = datetime(2026, 1, 1, tzinfo=UTC)
 TABLES = StreamTables(events="events_webhook", columns=("tenant_id", "idempotency_key", "payload"),
-                      dead_letters="dead_letters", ledger="dedupe_keys", offsets="consumer_offsets",
+                      dead_letters="dead_letters", ledger="dedupe_ledger", offsets="consumer_offsets",
                       offset_changes="offset_changes")
 BAD = asyncpg.exceptions.UntranslatableCharacterError("unsupported Unicode escape sequence")
 
@@ -40,9 +40,11 @@ class Db:
 
     def answer(self, call: Call) -> Any:
         sql = call.sql
+        if call.method == "fetchval" and "opened_at IS NULL" in sql:
+            return 0  # no ledger epoch due to open
         if call.method == "fetch" and 'UPDATE "consumer_offsets"' in sql:
             return [(p,) for p in call.args[2] if p not in self.fenced]
-        if call.method == "fetch" and 'INSERT INTO "dedupe_keys"' in sql:
+        if call.method == "fetch" and 'INSERT INTO "dedupe_ledger"' in sql:
             return [(t, k) for t, k in zip(call.args[1], call.args[2], strict=True) if (t, k) not in self.seen]
         if call.method == "copy_records_to_table" and sql == TABLES.events:
             if self.copy_error is not None:
@@ -78,9 +80,9 @@ def label(call: Call) -> str:
         return "idle timeout"
     if 'UPDATE "consumer_offsets"' in call.sql:
         return "fence"
-    if 'INSERT INTO "dedupe_keys"' in call.sql:
+    if 'INSERT INTO "dedupe_ledger"' in call.sql:
         return "claim"
-    if 'DELETE FROM "dedupe_keys"' in call.sql:
+    if 'DELETE FROM "dedupe_ledger"' in call.sql:
         return "unclaim"
     if call.method == "copy_records_to_table":
         return f"copy {call.sql}"
@@ -140,12 +142,13 @@ async def test_fence_moves_every_partition_from_expected_to_advance() -> None:
     assert fence.args == ("g", TOPIC, [0, 1], [10, 7], [20, 9])
 
 
-async def test_idle_transaction_timeout_is_transaction_scoped() -> None:
+async def test_idle_transaction_timeout_and_the_shared_epoch_lock_open_the_transaction() -> None:
     writer, conn, _ = setup(Db(), idle_timeout_ms=1234)
     await write(writer, conn, [candidate("a", "1")])
     first = conn.calls[1]
-    assert label(first) == "idle timeout" and first.args == ("1234",)
+    assert label(first) == "idle timeout" and first.args == ("1234", ledger.EPOCH_LOCK)
     assert "true)" in first.sql.replace(" ", "")  # is_local: ends with the transaction
+    assert "pg_advisory_xact_lock_shared($2)" in first.sql  # before the claim reads the open epoch
 
 
 async def test_fenced_batch_rolls_back_before_claiming_anything() -> None:
@@ -265,3 +268,15 @@ async def test_other_errors_roll_back_the_whole_batch_without_bisecting(error: B
         await write(writer, conn, [candidate("a", "1"), candidate("a", "2")])
     assert [label(c) for c in conn.calls].count("copy events_webhook") == 1
     assert conn.calls[-1].method == "rollback" and conn.committed == []
+
+
+async def test_a_due_ledger_epoch_is_looked_for_before_the_transaction_at_most_once_a_minute() -> None:
+    now = [0.0]
+    writer, conn, _ = setup(Db(), monotonic=lambda: now[0])
+    await write(writer, conn, [candidate("a", "1")])
+    assert not any("opened_at IS NULL" in c.sql for c in conn.calls)  # at start the partition step opened them
+    now[0] = Writer.EPOCH_CHECK_S
+    await write(writer, conn, [candidate("a", "2")])
+    await write(writer, conn, [candidate("a", "3")])
+    checks = [i for i, c in enumerate(conn.calls) if "opened_at IS NULL" in c.sql]
+    assert len(checks) == 1 and conn.calls[checks[0] + 1].method == "begin"  # outside the batch transaction

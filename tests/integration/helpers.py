@@ -10,12 +10,14 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 
 from consumers import run, streams
+from ingest import ledger
 from ingest.broker import listening
 from ingest.config import Config
 from ingest.consumer import Totals
@@ -59,6 +61,18 @@ async def stored_keys(conn: asyncpg.Connection, stream: str) -> Counter[tuple[st
     """How many times each (tenant_id, idempotency_key) is stored in the stream's table."""
     rows = await conn.fetch(f"SELECT tenant_id, idempotency_key FROM {ident(streams.STREAMS[stream].table)}")
     return Counter((r[0], r[1]) for r in rows)
+
+
+async def expire_ledger(conn: asyncpg.Connection, table: str, days: int) -> None:
+    """Age the ledger by ``days``: each epoch was opened that much earlier, and a new, empty epoch opened ``days``
+    ago is the open one (as if nothing had been claimed since)."""
+    epochs = ident(ledger.epochs_table(table))
+    await conn.execute(f"UPDATE {epochs} SET opened_at = opened_at - $1::interval WHERE opened_at IS NOT NULL",
+                       timedelta(days=days))
+    epoch = await conn.fetchval(f"SELECT max(epoch) + 1 FROM {epochs}")
+    await conn.execute(f"CREATE TABLE {ident(ledger.partition_name(table, epoch))} PARTITION OF {ident(table)} "
+                       f"FOR VALUES IN ({epoch})")
+    await conn.execute(f"INSERT INTO {epochs} VALUES ($1, now() - $2::interval)", epoch, timedelta(days=days))
 
 
 async def offsets_total(conn: asyncpg.Connection, config: Config, stream: str) -> int:

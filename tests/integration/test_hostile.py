@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaProducer
 
 from consumers import settings, streams
 from consumers.cli import sample
-from ingest import kafka_options
+from ingest import kafka_options, ledger
 from ingest.codec import NulPolicy
 from ingest.config import Config
 from ingest.pipeline import prepare
@@ -467,10 +467,9 @@ async def test_row_postgres_refuses_is_dead_lettered_and_the_rest_of_its_batch_s
     stored = await stored_keys(db, "webhook")
     assert set(stored) == unique_keys(valid) and max(stored.values()) == 1
     # The refused rows gave their dedupe claims back, so a corrected or replayed copy is judged again.
-    claimed = await db.fetchval(
-        "SELECT count(*) FROM dedupe_keys WHERE idempotency_key = ANY($1::text[])",
-        [e["idempotency_key"] for e in evil])
-    assert claimed == 0
+    claimed = await ledger.holds(db, "dedupe_ledger", "webhook",
+                                 [(e["tenant_id"], e["idempotency_key"]) for e in evil])
+    assert claimed == set()
     t = totals["webhook"]
     assert (t.stored, t.rejected) == (len(unique_keys(valid)), len(evil))
     assert t.stored + t.duplicates + t.rejected == len(items)

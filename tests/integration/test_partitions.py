@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from consumers import run, streams
-from ingest import dedupe, partitions
+from ingest import ledger, partitions
 from ingest.config import Config
 from ingest.maintenance import LedgerPolicy, Maintenance, TablePolicy
 from ingest.metrics import Metrics
@@ -289,7 +289,7 @@ async def test_rows_in_default_are_reported_then_moved_into_their_new_partition(
     assert metrics.registry.get_sample_value("ingest_default_partition_rows", {"table": TABLE}) == 0
     # the moved partition carries the parent's indexes
     idx = await db.fetchval("SELECT count(*) FROM pg_indexes WHERE tablename = $1", pname(far))
-    assert idx == await db.fetchval("SELECT count(*) FROM pg_indexes WHERE tablename = $1", TABLE) == 2
+    assert idx == await db.fetchval("SELECT count(*) FROM pg_indexes WHERE tablename = $1", TABLE) == 3
 
 
 async def test_late_event_lands_in_its_partition_and_out_of_window_ones_are_dead_lettered(
@@ -336,69 +336,60 @@ async def test_run_forever_repeats_until_stopped_and_survives_failures(config: C
         await pool.close()
 
 
-async def test_ledger_keys_past_the_window_are_deleted_in_chunks_and_no_verdict_changes(
+async def test_maintenance_drops_the_ledger_epoch_past_the_window_and_counts_its_keys(
         pool: asyncpg.Pool, db: asyncpg.Connection) -> None:
-    """Keys older than the dedupe window go (in several chunks, with a metric); younger keys stay; a key that
-    returns after its expiry is stored again exactly as it would have been before the delete."""
-    ledger = streams.WEBHOOK.tables().ledger
-    await db.execute(
-        f"""INSERT INTO {ledger} (stream, tenant_id, idempotency_key, seen_at)
-            SELECT 'webhook', 'org-1', 'old-' || g, $1::timestamptz - g * interval '1 second'
-            FROM generate_series(1, 2500) AS g""", NOW - timedelta(days=8))
-    await db.execute(
-        f"""INSERT INTO {ledger} (stream, tenant_id, idempotency_key, seen_at)
-            SELECT 'webhook', 'org-1', 'young-' || g, $1::timestamptz FROM generate_series(1, 700) AS g""",
-        NOW - timedelta(days=6))
-    policy = LedgerPolicy(ledger, timedelta(days=7), chunk=1000)
+    """A round rolls the ledger (tests/integration/test_ledger.py has the details): the epoch that ended more
+    than a window ago is dropped whole, with a metric; a dry run only names it."""
+    table = streams.WEBHOOK.tables().ledger
+    listing = ledger.epochs_table(table)
+    (first,) = [r[0] for r in await db.fetch(f"SELECT epoch FROM {listing} WHERE opened_at IS NOT NULL")]
+    async with db.transaction():
+        await ledger.claim(db, table, "webhook", [("org-1", f"k{i}") for i in range(300)], timedelta(days=7))
+    await db.execute(f"CREATE TABLE {ledger.partition_name(table, first + 1)} PARTITION OF {table} "
+                     f"FOR VALUES IN ({first + 1})")
+    await db.execute(f"INSERT INTO {listing} VALUES ($1, now() - interval '8 days')", first + 1)
+    await db.execute(f"UPDATE {listing} SET opened_at = now() - interval '9 days' WHERE epoch = $1", first)
+    await db.execute(f"ANALYZE {table}")
     metrics = Metrics()
-    registry = metrics.registry
-    m = Maintenance(pool, [], clock=clock(), ledger=policy, metrics=metrics)
+    m = Maintenance(pool, [], ledger=LedgerPolicy(table, timedelta(days=7)), metrics=metrics)
+    gone = ledger.partition_name(table, first)
     preview = await m.run_once(dry_run=True)
-    assert preview.ledger_pruned == 2500
-    assert await db.fetchval(f"SELECT count(*) FROM {ledger}") == 3200  # a dry run deletes nothing
+    assert gone in preview.dropped and preview.ledger_pruned == 300
     report = await m.run_once()
-    assert report.ledger_pruned == 2500
-    assert registry.get_sample_value("ingest_ledger_pruned_total") == 2500
-    left = await db.fetch(f"SELECT idempotency_key FROM {ledger}")
-    assert len(left) == 700 and all(r[0].startswith("young-") for r in left)
+    assert gone in report.dropped and report.ledger_pruned == 300
+    assert metrics.registry.get_sample_value("ingest_ledger_pruned_total") == 300
+    assert await db.fetchval("SELECT to_regclass($1)", gone) is None
     assert (await m.run_once()).ledger_pruned == 0
-    async with db.transaction():  # an expired key that comes back is new, as it was before the delete
-        new = await dedupe.claim(db, ledger, "webhook", [("org-1", "old-1"), ("org-1", "young-1")],
-                                 timedelta(days=7))
-    assert new == {("org-1", "old-1")}
-
-    # Budget: with no time left after the first chunk, a round deletes one chunk and the next goes on.
-    await db.execute(
-        f"""INSERT INTO {ledger} (stream, tenant_id, idempotency_key, seen_at)
-            SELECT 'webhook', 'org-2', 'old-' || g, $1::timestamptz FROM generate_series(1, 2500) AS g""",
-        NOW - timedelta(days=30))
-    hurried = Maintenance(pool, [], clock=clock(), ledger=policy._replace(budget_s=0.0))
-    assert (await hurried.run_once()).ledger_pruned == 1000
-    assert (await hurried.run_once()).ledger_pruned == 1000
-    assert (await hurried.run_once()).ledger_pruned == 500
 
 
 async def test_cli_prune_and_the_consumers_maintenance_expire_the_ledger(env: dict[str, str], config: Config,
                                                                          db: asyncpg.Connection) -> None:
-    ledger = streams.WEBHOOK.tables().ledger
-    await db.execute(
-        f"""INSERT INTO {ledger} (stream, tenant_id, idempotency_key, seen_at)
-            SELECT 'audit', 'org-1', 'k' || g, now() - interval '30 days' FROM generate_series(1, 40) AS g""")
+    table = streams.WEBHOOK.tables().ledger
+    listing = ledger.epochs_table(table)
+    first = await db.fetchval(f"SELECT max(epoch) FROM {listing} WHERE opened_at IS NOT NULL")
+    async with db.transaction():
+        await ledger.claim(db, table, "audit", [("org-1", f"k{g}") for g in range(40)], timedelta(days=7))
+    await db.execute(f"UPDATE {listing} SET opened_at = now() - interval '30 days' WHERE epoch = $1", first)
+    await db.execute(f"CREATE TABLE {ledger.partition_name(table, first + 1)} PARTITION OF {table} "
+                     f"FOR VALUES IN ({first + 1})")
+    await db.execute(f"INSERT INTO {listing} VALUES ($1, now() - interval '29 days')", first + 1)
+    await db.execute(f"ANALYZE {table}")
+    gone = ledger.partition_name(table, first)
     cli = [sys.executable, "-m", "consumers.cli", "partitions", "prune"]
     out = await asyncio.to_thread(subprocess.run, [*cli, "--dry-run"], env={**os.environ, **env},
                                   capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "dedupe-ledger keys past the window, would delete: 40" in out.stdout
-    assert await db.fetchval(f"SELECT count(*) FROM {ledger}") == 40
+    assert f"dedupe-ledger epochs past the window, would drop: {gone} (~40 keys)" in out.stdout
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 40
     out = await asyncio.to_thread(subprocess.run, cli, env={**os.environ, **env}, capture_output=True, text=True,
                                   timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "dedupe-ledger keys deleted: 40" in out.stdout
-    assert await db.fetchval(f"SELECT count(*) FROM {ledger}") == 0
+    assert gone in out.stdout and "dedupe-ledger keys dropped with their epochs: ~40" in out.stdout
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 0
 
     rt = await run.open_runtime(config)
     try:
-        assert run.maintenance(config, rt).ledger == LedgerPolicy(ledger, config.dedupe.window)
+        assert run.maintenance(config, rt).ledger == LedgerPolicy(table, config.dedupe.window, config.dedupe.epochs)
     finally:
         await rt.aclose()
 

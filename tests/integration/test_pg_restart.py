@@ -101,7 +101,7 @@ async def test_postgres_restart_mid_batch(config: Config, env: dict[str, str], p
         assert set(stored_a) == unique_keys(audits) and max(stored_a.values()) == 1
         assert await offsets_total(conn, cfg, "webhook") == len(webhooks)
         assert await offsets_total(conn, cfg, "audit") == len(audits)
-        assert await conn.fetchval("SELECT count(*) FROM dedupe_keys") == len(stored_w) + len(stored_a)
+        assert await conn.fetchval("SELECT count(*) FROM dedupe_ledger") == len(stored_w) + len(stored_a)
     finally:
         await conn.close()
     assert sum(t.rejected for t in totals.values()) == 0

@@ -38,7 +38,7 @@ from tests.integration.helpers import drain, kill9, publish, publish_raw, spawn_
 
 NOW = datetime.now(UTC)
 TABLES = [s.table for s in streams.STREAMS.values()]
-PRIVATE = ["dead_letters", "dedupe_keys", "consumer_offsets", "offset_changes", "quota_overrides",
+PRIVATE = ["dead_letters", "dedupe_ledger", "dedupe_ledger_epochs", "consumer_offsets", "offset_changes", "quota_overrides",
            "quota_overrides_version", "ingest_schema_migrations"]
 
 
@@ -155,7 +155,8 @@ def expected_privileges(r: roles.Roles) -> dict[tuple[str, str], set[str]]:
     return {
         (r.writer, "webhook_events"): {"INSERT"},
         (r.writer, "audit_events"): {"INSERT"},
-        (r.writer, "dedupe_keys"): {"SELECT", "INSERT", "UPDATE(seen_at)", "DELETE"},
+        (r.writer, "dedupe_ledger"): {"SELECT", "INSERT", "DELETE"},
+        (r.writer, "dedupe_ledger_epochs"): {"SELECT", "UPDATE(opened_at)"},
         (r.writer, "dead_letters"): {"INSERT"},
         (r.writer, "consumer_offsets"): {"SELECT", "INSERT", "UPDATE(next_offset)", "UPDATE(updated_at)"},
         (r.writer, "offset_changes"): {"INSERT"},
@@ -217,7 +218,7 @@ async def test_migrate_roles_hands_everything_to_the_owner_grants_the_minimum_an
     # Drift (an attribute, extra grants, an object created by someone else) converges back.
     await db.execute(f"ALTER ROLE {ident(r.writer)} NOBYPASSRLS CREATEDB")
     await db.execute(f"GRANT SELECT, DELETE ON webhook_events, dead_letters TO {ident(r.writer)}, {ident(r.reader)}")
-    await db.execute(f"GRANT UPDATE (tenant_id) ON dedupe_keys TO {ident(r.writer)}")
+    await db.execute(f"GRANT UPDATE (digest) ON dedupe_ledger TO {ident(r.writer)}")
     await db.execute("CREATE TABLE stray (a int)")  # owned by root
     report = roles.RoleChanges()
     await run.run_migrations(secured.admin, r, None, report)
@@ -302,7 +303,7 @@ async def test_consumer_as_writer_stores_dedupes_dead_letters_and_applies_quotas
     assert await db.fetchval("SELECT count(*) FROM audit_events") == 3
     assert sorted(tuple(x) for x in await db.fetch("SELECT reason, count(*) FROM dead_letters GROUP BY 1")) == [
         ("missing_field", 1), ("quota_exceeded", 2)]
-    assert await db.fetchval("SELECT count(*) FROM dedupe_keys") == 15  # unclaimed: the 2 over quota
+    assert await db.fetchval("SELECT count(*) FROM dedupe_ledger") == 15  # unclaimed: the 2 over quota
     assert await db.fetchval("SELECT count(*) FROM consumer_offsets WHERE next_offset > 0") > 0
 
 
@@ -327,7 +328,8 @@ async def test_writer_cannot_ddl_read_events_or_drop_partitions(secured: Secured
                     "UPDATE quota_overrides SET per_day = 0", "INSERT INTO quota_overrides (tenant_id) VALUES ('x')",
                     "UPDATE consumer_offsets SET group_id = 'x'", "DELETE FROM consumer_offsets",
                     "UPDATE dead_letters SET replayed_at = now()", "DELETE FROM dead_letters",
-                    "UPDATE dedupe_keys SET tenant_id = 'x'",
+                    "UPDATE dedupe_ledger SET epoch = 0", "UPDATE dedupe_ledger_epochs SET epoch = 0",
+                    "DELETE FROM dedupe_ledger_epochs", "INSERT INTO dedupe_ledger_epochs VALUES (0, now())",
                     f"SET ROLE {ident(r.owner)}", f"SET ROLE {ident(r.reader)}",
                     f"SET SESSION AUTHORIZATION {ident(r.owner)}"):
             await denied(w, sql)

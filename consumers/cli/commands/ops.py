@@ -213,8 +213,10 @@ async def _partitions_prune(args: argparse.Namespace, config: Config) -> int:
                   f"{'?' if rows is None else rows:>12} rows {_size(info.get('bytes', 0)):>11}")
         for path in plan.exported:
             print(f"  export first: {path}")
-        print(f"dedupe-ledger keys past the window, would delete: {plan.ledger_pruned}")
-        if args.dry_run or not (plan.detached or plan.ledger_pruned):
+        ledger_parts = [n for n in plan.dropped if n not in plan.detached]
+        print(f"dedupe-ledger epochs past the window, would drop: {', '.join(ledger_parts) or 'none'}"
+              f" (~{plan.ledger_pruned} keys)")
+        if args.dry_run or not (plan.detached or ledger_parts):
             return 0
         report = await m.run_once(create=False, prune=True, wait_lock=LOCK_WAIT_S)
     finally:
@@ -223,7 +225,7 @@ async def _partitions_prune(args: argparse.Namespace, config: Config) -> int:
     print(f"{'archived' if args.archive else 'dropped'}: {', '.join(done) or 'none'}")
     for path in report.exported:
         print(f"exported: {path}")
-    print(f"dedupe-ledger keys deleted: {report.ledger_pruned}")
+    print(f"dedupe-ledger keys dropped with their epochs: ~{report.ledger_pruned}")
     return _problems(report)
 
 
