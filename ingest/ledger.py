@@ -74,9 +74,11 @@ async def claim(conn: Conn, ledger: str, stream: str, keys: Sequence[Key], windo
                        FROM {ident(epochs_table(ledger))} WHERE opened_at IS NOT NULL),
                  b AS (SELECT t, k, {_KEY_DIGEST} AS d FROM unnest($2::text[], $3::text[]) AS u(t, k)),
                  ins AS (INSERT INTO {ident(ledger)} (digest, epoch)
-                         SELECT b.d, e.cur FROM b, e
-                         WHERE NOT EXISTS (SELECT 1 FROM {ident(ledger)} o WHERE o.digest = b.d AND o.epoch >= e.lo)
-                         ON CONFLICT DO NOTHING
+                         SELECT b.d, (SELECT cur FROM e) FROM b
+                         WHERE NOT EXISTS (  -- older epochs still in the window: pruned to those at run time
+                             SELECT 1 FROM {ident(ledger)} o WHERE o.digest = b.d
+                             AND o.epoch >= (SELECT lo FROM e) AND o.epoch < (SELECT cur FROM e))
+                         ON CONFLICT DO NOTHING  -- the open epoch: its primary key decides
                          RETURNING digest)
             SELECT b.t, b.k FROM b JOIN ins ON ins.digest = b.d""",
         stream, [k[0] for k in keys], [k[1] for k in keys], window,

@@ -245,7 +245,7 @@ async def _prefill(config: Config, stream: streams.Stream, keys: int, progress: 
             bar.close()
             await conn.execute(f"VACUUM ANALYZE {ident(table)}")
             size = await conn.fetchval(
-                "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits WHERE inhparent = $1::regclass",
+                "SELECT sum(pg_total_relation_size(inhrelid))::bigint FROM pg_inherits WHERE inhparent = $1::regclass",
                 ident(table))
     finally:
         await pool.close()
