@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from ingest.rows import Key
 from ingest.sql import ident
 
@@ -134,8 +136,9 @@ async def roll(conn: Conn, ledger: str, *, window: timedelta, epochs: int, now: 
                lock_timeout_ms: int, dry_run: bool = False) -> Roll:
     """Create the current and next epochs' partitions, open those due, drop epochs wholly older than the window.
 
-    Owner only (DDL). Each DDL runs in its own transaction under ``lock_timeout``; a lock timeout propagates
-    (``asyncpg.LockNotAvailableError``) and the next round goes on."""
+    Owner only (DDL). Each DDL runs in its own transaction under ``lock_timeout``; a lock timeout on DDL
+    propagates (``asyncpg.LockNotAvailableError``) and the next round goes on; one on opening an epoch is only
+    logged (writers look for a due epoch every minute)."""
     out = Roll()
     length = epoch_length(window, epochs)
     newest = await conn.fetchval(f"SELECT max(epoch) FROM {ident(epochs_table(ledger))}") or 0
@@ -151,7 +154,10 @@ async def roll(conn: Conn, ledger: str, *, window: timedelta, epochs: int, now: 
                                    f"PARTITION OF {ident(ledger)} FOR VALUES IN ({int(epoch)})")
                 await conn.execute(f"INSERT INTO {ident(epochs_table(ledger))} (epoch) VALUES ($1) ON CONFLICT DO NOTHING", epoch)
     if not dry_run:
-        out.opened = await open_due(conn, ledger, now=now, lock_timeout_ms=lock_timeout_ms)
+        try:
+            out.opened = await open_due(conn, ledger, now=now, lock_timeout_ms=lock_timeout_ms)
+        except asyncpg.LockNotAvailableError:  # a batch held the epoch lock that long: writers open it later
+            log.warning("dedupe ledger epoch not opened: lock timeout; retrying later")
     lo = await conn.fetchval(
         f"SELECT coalesce(max(epoch) FILTER (WHERE opened_at <= $1), 0) FROM {ident(epochs_table(ledger))}"
         " WHERE opened_at IS NOT NULL", now - window)

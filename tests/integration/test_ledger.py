@@ -183,3 +183,18 @@ async def test_the_text_ledger_is_migrated_in_place() -> None:
 @pytest.mark.parametrize("epochs", [1, 2, 7])
 def test_epoch_length_cuts_the_window(epochs: int) -> None:
     assert ledger.epoch_length(WINDOW, epochs) * epochs == int(WINDOW.total_seconds())
+
+
+async def test_a_roll_that_cannot_open_an_epoch_in_time_still_creates_and_leaves_opening_to_later(
+        config: Config, db: asyncpg.Connection) -> None:
+    length = ledger.epoch_length(WINDOW, 2)
+    later = datetime.now(UTC) + timedelta(seconds=length)
+    busy = await asyncpg.connect(config.database_url)
+    try:
+        async with busy.transaction():  # a batch transaction that holds the shared epoch lock for a while
+            await busy.execute("SELECT pg_advisory_xact_lock_shared($1)", ledger.EPOCH_LOCK)
+            done = await ledger.roll(db, LEDGER, window=WINDOW, epochs=2, now=later, lock_timeout_ms=200)
+            assert not done.opened and len(done.created) == 1
+        assert await ledger.open_due(db, LEDGER, now=later)
+    finally:
+        await busy.close()
