@@ -82,7 +82,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INGEST_BATCH_MAX_BYTES", "16777216", "...or this many bytes of values..."),
     Setting("INGEST_BATCH_MAX_AGE_MS", "100", "...or this age of its first record, whichever comes first; a batch also closes as soon as the previous batch's write ends (group commit), so the age only bounds batching under load."),
     Setting("INGEST_DEDUPE_WINDOW_SECONDS", "604800", "A repeated idempotency key within this window is a duplicate (7 days)."),
-    Setting("INGEST_DEDUPE_EPOCHS", "2", "The Postgres ledger cuts the window into this many partitions (epochs), dropped whole once past it: a key is remembered for at least the window and at most the window plus one epoch, and each new key is looked up in `epochs` older partitions and inserted into the open one (docs/design.md#dedupe-ledger)."),
+    Setting("INGEST_DEDUPE_EPOCHS", "1", "The Postgres ledger cuts the window into this many partitions (epochs), dropped whole once past it: a key is remembered for at least the window and at most the window plus one epoch (14 days with 1), and each new key is looked up in `epochs` older partitions and inserted into the open one; more epochs remember keys for less extra time at one more lookup each (docs/design.md#dedupe-ledger)."),
     Setting("INGEST_DEDUPE_HINT_TTL_SECONDS", "21600", "How long Redis remembers a key (6 h: a hint that catches re-deliveries within hours; Postgres covers the rest of the window; sizing in docs/scaling.md)."),
     Setting("INGEST_MAX_MESSAGE_BYTES", "262144", "Larger Kafka values are dead-lettered as `too_large`."),
     Setting("INGEST_MAX_DEPTH", "32", "Deeper JSON nesting is dead-lettered as `too_deep`."),

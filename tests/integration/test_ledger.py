@@ -124,7 +124,8 @@ async def test_an_epoch_opens_only_after_every_claim_into_the_old_one_committed(
 
 async def test_roll_creates_ahead_opens_what_is_due_and_drops_epochs_past_the_window(
         config: Config, db: asyncpg.Connection) -> None:
-    length = ledger.epoch_length(WINDOW, 2)
+    epochs = config.dedupe.epochs
+    length = ledger.epoch_length(WINDOW, epochs)
     now = datetime.now(UTC)
     listed = lambda: db.fetch(f"SELECT epoch, opened_at IS NOT NULL FROM {EPOCHS} ORDER BY epoch")  # noqa: E731
     (first, _), (ahead, opened) = await listed()  # migrate made one open epoch and one ahead
@@ -132,7 +133,7 @@ async def test_roll_creates_ahead_opens_what_is_due_and_drops_epochs_past_the_wi
     await claim(db, [("t", "a")])
 
     later = now + timedelta(seconds=length)  # the epoch ahead is due
-    done = await ledger.roll(db, LEDGER, window=WINDOW, epochs=2, now=later, lock_timeout_ms=2000)
+    done = await ledger.roll(db, LEDGER, window=WINDOW, epochs=epochs, now=later, lock_timeout_ms=2000)
     assert done.opened and done.dropped == []
     assert done.created == [ledger.partition_name(LEDGER, ahead + length)]
     assert [tuple(r) for r in await listed()] == [(first, True), (ahead, True), (ahead + length, False)]
@@ -143,10 +144,10 @@ async def test_roll_creates_ahead_opens_what_is_due_and_drops_epochs_past_the_wi
     # ago: a dry run names it, a roll drops the partition (no row deleted) and its key counts as new.
     await db.execute(f"UPDATE {EPOCHS} SET opened_at = opened_at - interval '8 days' WHERE opened_at IS NOT NULL")
     await db.execute(f"ANALYZE {LEDGER}")
-    plan = await ledger.roll(db, LEDGER, window=WINDOW, epochs=2, now=later, lock_timeout_ms=2000, dry_run=True)
+    plan = await ledger.roll(db, LEDGER, window=WINDOW, epochs=epochs, now=later, lock_timeout_ms=2000, dry_run=True)
     assert plan.dropped == [ledger.partition_name(LEDGER, first)] and plan.keys_dropped == 1
     assert await db.fetchval("SELECT to_regclass($1)", ledger.partition_name(LEDGER, first)) is not None
-    done = await ledger.roll(db, LEDGER, window=WINDOW, epochs=2, now=later, lock_timeout_ms=2000)
+    done = await ledger.roll(db, LEDGER, window=WINDOW, epochs=epochs, now=later, lock_timeout_ms=2000)
     assert done.dropped == plan.dropped and done.keys_dropped == 1
     assert await db.fetchval("SELECT to_regclass($1)", ledger.partition_name(LEDGER, first)) is None
     assert [r[0] for r in await listed()] == [ahead, ahead + length]
@@ -187,13 +188,14 @@ def test_epoch_length_cuts_the_window(epochs: int) -> None:
 
 async def test_a_roll_that_cannot_open_an_epoch_in_time_still_creates_and_leaves_opening_to_later(
         config: Config, db: asyncpg.Connection) -> None:
-    length = ledger.epoch_length(WINDOW, 2)
+    epochs = config.dedupe.epochs
+    length = ledger.epoch_length(WINDOW, epochs)
     later = datetime.now(UTC) + timedelta(seconds=length)
     busy = await asyncpg.connect(config.database_url)
     try:
         async with busy.transaction():  # a batch transaction that holds the shared epoch lock for a while
             await busy.execute("SELECT pg_advisory_xact_lock_shared($1)", ledger.EPOCH_LOCK)
-            done = await ledger.roll(db, LEDGER, window=WINDOW, epochs=2, now=later, lock_timeout_ms=200)
+            done = await ledger.roll(db, LEDGER, window=WINDOW, epochs=epochs, now=later, lock_timeout_ms=200)
             assert not done.opened and len(done.created) == 1
         assert await ledger.open_due(db, LEDGER, now=later)
     finally:
