@@ -292,7 +292,8 @@ async def _one(kind: str, i: int, base: Config, config: Config, uid: str, stream
         await conn.close()
     if kind == "ingest":
         figures["copy_ceiling_rows_per_s"] = await bench._ceiling(config, stream, opts, min(opts.events, 200_000))
-    return {"consumer": kind, "run": i, **figures}
+    return {"consumer": kind, "run": i,
+            **{k: (_round(v, 3) if isinstance(v, float) else v) for k, v in figures.items()}}
 
 
 async def _cleanup(base: Config, config: Config, uid: str, databases: list[str]) -> None:
@@ -343,13 +344,13 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
         await _cleanup(base, config, uid, databases)
 
     def median(kind: str, key: str) -> float:
-        values = [r[key] for r in results if r["consumer"] == kind and r[key] == r[key]]  # NaN: < 2 commits
+        values = [r[key] for r in results if r["consumer"] == kind and r[key] is not None]  # None: < 2 commits
         return statistics.median(values) if values else float("nan")
 
     summary: dict[str, Any] = {
         "events": published, "partitions": args.partitions, "tenants": args.tenants, "dup_rate": args.dup_rate,
         "quix_commit_interval_s": args.quix_commit_interval, "quix_commit_every": args.quix_commit_every}
-    for key in ("steady_events_per_s", "from_first_record_events_per_s"):
+    for key in ("from_first_record_events_per_s", "steady_events_per_s"):
         quix, ours = median("quix", key), median("ingest", key)
         summary[key] = {"quix_median": _round(quix), "ingest_median": _round(ours),
                         "ratio_ingest_to_quix": _round(ours / quix, 2)}
@@ -358,16 +359,21 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _round(x: float, digits: int = 0) -> float | None:
-    return None if x != x else round(x, digits)  # NaN (a drain with fewer than two commits): None
+    if x != x:  # NaN: a drain with fewer than two commits
+        return None
+    return round(x, digits) if digits else round(x)
 
 
 def _line(r: dict[str, Any]) -> str:
-    extra = (f", COPY ceiling {r['copy_ceiling_rows_per_s']:,.0f} rows/s" if "copy_ceiling_rows_per_s" in r else "")
-    return (f"{r['consumer']:<6} run {r['run']}: steady {r['steady_events_per_s']:,.0f} events/s "
-            f"({r['commits']} commits), from first record {r['from_first_record_events_per_s']:,.0f} events/s; "
-            f"first record {r['first_record_seconds']:.1f} s, first commit {r['first_commit_seconds']:.1f} s, "
-            f"wall {r['wall_seconds']:.1f} s; consumed {r['consumed']:,}, rows {r['rows_stored']:,}, "
-            f"{r['cpu_seconds_per_million']:.1f} CPU-s/M, machine busy {r['machine_busy']:.0%}, "
+    def n(key: str, fmt: str = ",.0f") -> str:
+        return "-" if r.get(key) is None else format(r[key], fmt)
+
+    extra = f", COPY ceiling {n('copy_ceiling_rows_per_s')} rows/s" if r["consumer"] == "ingest" else ""
+    return (f"{r['consumer']:<6} run {r['run']}: from first record {n('from_first_record_events_per_s')} events/s, "
+            f"steady {n('steady_events_per_s')} events/s ({r['commits']} commits); first record "
+            f"{n('first_record_seconds', '.1f')} s, first commit {n('first_commit_seconds', '.1f')} s, wall "
+            f"{n('wall_seconds', '.1f')} s; consumed {r['consumed']:,}, rows {r['rows_stored']:,}, "
+            f"{n('cpu_seconds_per_million', '.1f')} CPU-s/M, machine busy {n('machine_busy', '.0%')}, "
             f"load {r['load_before']:.2f} -> {r['load_after']:.2f}{extra}")
 
 
@@ -392,11 +398,12 @@ def main() -> int:
     ap.add_argument("--json-file", type=Path, default=None, help="also write the figures as JSON to FILE")
     args = ap.parse_args()
     doc = asyncio.run(compare(args))
+    print()
     s = doc["summary"]
-    for key, label in (("steady_events_per_s", "steady (first to last commit)"),
-                       ("from_first_record_events_per_s", "from the first record to the last commit")):
+    for key, label in (("from_first_record_events_per_s", "from the first record to the last commit"),
+                       ("steady_events_per_s", "steady (first to last commit)")):
         m = s[key]
-        print(f"\n{label}, median of {args.rounds}: quix {m['quix_median']} events/s, "
+        print(f"{label}, median of {args.rounds}: quix {m['quix_median']} events/s, "
               f"ingest {m['ingest_median']} events/s, ratio {m['ratio_ingest_to_quix']} (target >= 3)")
     print(f"raw COPY ceiling, median: {s['copy_ceiling_rows_per_s_median']} rows/s")
     if args.json_file:
