@@ -32,6 +32,9 @@ def register(sub: Any) -> None:
                    help="events/s for a steady-rate latency run (0 = backlog)")
     p.add_argument("--duration", type=args_.positive_float, default=60.0, metavar="SECONDS",
                    help="seconds of the steady-rate run (default 60)")
+    p.add_argument("--linger-ms", type=args_.non_negative_int, default=5, metavar="MS",
+                   help="with --rate: the producer's linger (default 5); a longer one sends fewer, larger record "
+                        "batches, for a broker whose cost is per batch")
     p.add_argument("--prefill-keys", type=args_.non_negative_int, default=0, metavar="N",
                    help="keys put in the dedupe ledger before the run (steady state of a deployment that has run "
                         "for its dedupe window, e.g. 10000000)")
@@ -51,7 +54,7 @@ async def _bench(args: argparse.Namespace, config: Config) -> int:
 
     opts = BenchOptions(events=args.events, tenants=args.tenants, dup_rate=args.dup_rate,
                         invalid_rate=args.invalid_rate, stream=args.stream, partitions=args.partitions,
-                        rate=args.rate, duration=args.duration,
+                        rate=args.rate, duration=args.duration, linger_ms=args.linger_ms,
                         prefill_keys=args.prefill_keys, sample=args.sample)
     if opts.rate:
         opts.events = int(opts.rate * opts.duration)
@@ -66,7 +69,8 @@ async def _bench(args: argparse.Namespace, config: Config) -> int:
         import consumers.cli.soak as soak
 
         soak.chart([soak.Sample(**s) for s in samples], args.chart,
-                   f"ingest bench --rate {args.rate:g} --duration {args.duration:g} --sample {args.sample:g}")
+                   f"ingest bench --rate {args.rate:g} --duration {args.duration:g} --sample {args.sample:g}"
+                   + (f" --linger-ms {args.linger_ms}" if args.linger_ms != 5 else ""))
     if args.json_file:
         args.json_file.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
     return 0
