@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +62,19 @@ async def _bench(args: argparse.Namespace, config: Config) -> int:
     if opts.sample and not opts.rate:
         print("--sample needs --rate (a steady-rate run)")
         return 2
+    if args.chart and importlib.util.find_spec("matplotlib") is None:  # known now, not after a 30-minute run
+        print("--chart needs matplotlib: pip install -e '.[docs]'")
+        return 2
     figures = await bench(config, opts)
     samples = figures.get("samples", [])
     print(orjson.dumps(figures).decode() if args.json
           else table({k: v for k, v in figures.items() if k != "samples"}))
+    if args.json_file:  # before the chart: the figures are kept whatever happens to the drawing
+        args.json_file.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
     if args.chart and samples:
         import consumers.cli.soak as soak
 
         soak.chart([soak.Sample(**s) for s in samples], args.chart,
                    f"ingest bench --rate {args.rate:g} --duration {args.duration:g} --sample {args.sample:g}"
                    + (f" --linger-ms {args.linger_ms}" if args.linger_ms != 5 else ""))
-    if args.json_file:
-        args.json_file.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
     return 0
