@@ -54,6 +54,7 @@ class BenchOptions:
     seed: int = 1
     prefill_keys: int = 0  # ledger keys written before the run (a deployment's steady state)
     sample: float = 0.0  # seconds between resource samples (a soak, rate mode only); 0 = none
+    linger_ms: int = 5  # the producer's linger in rate mode (records of one partition sent together)
 
 
 @dataclass
@@ -119,10 +120,11 @@ def _values(opts: BenchOptions) -> Any:
 
 async def _produce(config: Config, topic: str, opts: BenchOptions, progress: bool) -> int:
     """Backlog: records go straight into per-partition batches (murmur2 of the key, like Kafka's default
-    partitioner). Rate: ordinary keyed sends with a 5 ms linger, paced to ``opts.rate`` (the Kafka timestamp is
-    taken when a record is handed to the producer, so latency includes the producer's linger)."""
+    partitioner). Rate: ordinary keyed sends with a linger of ``opts.linger_ms``, paced to ``opts.rate`` (the Kafka
+    timestamp is taken when a record is handed to the producer, so latency includes the producer's linger)."""
     producer = AIOKafkaProducer(**kafka_options.producer(config, client_id="ingest-bench",
-                                                         linger_ms=5 if opts.rate else 20, max_batch_size=1 << 20))
+                                                         linger_ms=opts.linger_ms if opts.rate else 20,
+                                                         max_batch_size=1 << 20))
     await producer.start()
     sent = 0
     try:
@@ -336,6 +338,7 @@ async def bench(base: Config, opts: BenchOptions, *, progress: bool = True) -> d
         }
         if opts.rate:
             figures["target_rate"] = opts.rate
+            figures["linger_ms"] = opts.linger_ms
         figures.update(prefill)
         if samples:
             figures["sample_seconds"] = opts.sample

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def register(sub: Any) -> None:
                    help="events/s for a steady-rate latency run (0 = backlog)")
     p.add_argument("--duration", type=args_.positive_float, default=60.0, metavar="SECONDS",
                    help="seconds of the steady-rate run (default 60)")
+    p.add_argument("--linger-ms", type=args_.non_negative_int, default=5, metavar="MS",
+                   help="with --rate: the producer's linger (default 5); a longer one sends fewer, larger record "
+                        "batches, for a broker whose cost is per batch")
     p.add_argument("--prefill-keys", type=args_.non_negative_int, default=0, metavar="N",
                    help="keys put in the dedupe ledger before the run (steady state of a deployment that has run "
                         "for its dedupe window, e.g. 10000000)")
@@ -51,22 +55,26 @@ async def _bench(args: argparse.Namespace, config: Config) -> int:
 
     opts = BenchOptions(events=args.events, tenants=args.tenants, dup_rate=args.dup_rate,
                         invalid_rate=args.invalid_rate, stream=args.stream, partitions=args.partitions,
-                        rate=args.rate, duration=args.duration,
+                        rate=args.rate, duration=args.duration, linger_ms=args.linger_ms,
                         prefill_keys=args.prefill_keys, sample=args.sample)
     if opts.rate:
         opts.events = int(opts.rate * opts.duration)
     if opts.sample and not opts.rate:
         print("--sample needs --rate (a steady-rate run)")
         return 2
+    if args.chart and importlib.util.find_spec("matplotlib") is None:  # known now, not after a 30-minute run
+        print("--chart needs matplotlib: pip install -e '.[docs]'")
+        return 2
     figures = await bench(config, opts)
     samples = figures.get("samples", [])
     print(orjson.dumps(figures).decode() if args.json
           else table({k: v for k, v in figures.items() if k != "samples"}))
+    if args.json_file:  # before the chart: the figures are kept whatever happens to the drawing
+        args.json_file.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
     if args.chart and samples:
         import consumers.cli.soak as soak
 
         soak.chart([soak.Sample(**s) for s in samples], args.chart,
-                   f"ingest bench --rate {args.rate:g} --duration {args.duration:g} --sample {args.sample:g}")
-    if args.json_file:
-        args.json_file.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+                   f"ingest bench --rate {args.rate:g} --duration {args.duration:g} --sample {args.sample:g}"
+                   + (f" --linger-ms {args.linger_ms}" if args.linger_ms != 5 else ""))
     return 0
