@@ -12,13 +12,13 @@ import glob
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.deploy.tools import which
 
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -182,8 +182,7 @@ def dashboard_targets(dash: dict):
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    # PATH first, then the virtualenv's bin (where `make tools` / scripts/install-promtool put it)
-    path = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
+    path = which("promtool")
     if path is None:
         msg = (
             "promtool not found on PATH or in the virtualenv: `make tools` puts it into .venv/bin "

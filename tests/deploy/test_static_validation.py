@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.deploy.tools import which
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"
 COMPONENT = K8S / "prometheus-operator"
@@ -177,7 +179,7 @@ def test_prometheus_rule_is_generated_from_the_rule_files() -> None:
 
 
 def test_promtool_checks_every_rule(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
+    promtool = which("promtool")
     if promtool is None:
         _missing("promtool is not installed (Debian: apt-get install prometheus)")
     (rule,) = _docs(COMPONENT / "prometheusrule.yaml")
