@@ -29,7 +29,7 @@ quick: setup ## unit and integration tests only (no lint, no fault-injection sui
 	$(BIN)/ingest dev up postgres redis
 	$(BIN)/pytest
 
-tools: setup ## promtool into .venv/bin and the CRD validators into tests/deploy/crd (the deploy-file tests)
+tools: setup ## promtool and prometheus into .venv/bin and the CRD validators into tests/deploy/crd (deploy-file and scrape tests)
 	scripts/install-test-tools $(BIN)
 
 lint: setup

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.tools import which
+from tests.tools import which
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,13 +19,14 @@ from consumers.cli import sample
 from ingest.config import Config
 from tests.conftest import free_port
 from tests.integration.helpers import publish, start_redis, stop_redis
+from tests.tools import which
 
 
 def require(binary: str) -> str:
-    """The binary's path; missing is a skip on a workstation and a failure in CI."""
-    path = shutil.which(binary)
+    """The binary's path (PATH, then the virtualenv); missing is a skip on a workstation and a failure in CI."""
+    path = which(binary)
     if path is None:
-        message = f"{binary} is not installed (Debian: apt-get install prometheus)"
+        message = f"{binary} is not installed (`make tools` puts it into .venv/bin; Debian: apt-get install prometheus)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

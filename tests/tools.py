@@ -1,4 +1,4 @@
-"""Where the deploy tests find their external tools."""
+"""Where tests find the external tools they run (promtool, prometheus)."""
 
 from __future__ import annotations
 
@@ -8,5 +8,5 @@ from pathlib import Path
 
 
 def which(name: str) -> str | None:
-    """``name`` on PATH, else in this interpreter's virtualenv bin (where `make tools` puts promtool)."""
+    """``name`` on PATH, else in this interpreter's virtualenv bin (where `make tools` puts promtool and prometheus)."""
     return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
