@@ -19,14 +19,6 @@ import time
 import tracemalloc
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--interval", type=float, default=60.0)
@@ -38,6 +30,7 @@ def main() -> int:
     bench_args = opts.bench[1:] if opts.bench[:1] == ["--"] else opts.bench
 
     tracemalloc.start(opts.frames)
+    from consumers.cli.soak import rss_mib  # after start: the imports are traced too
     started = time.monotonic()
     kept: dict[str, tracemalloc.Snapshot] = {}
 
