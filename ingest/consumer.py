@@ -433,7 +433,7 @@ class StreamConsumer:
         log.warning("transient failure; retrying", extra={
             "stream": self.stream, "component": component, "error": type(exc).__name__,
             "detail": str(exc)[:200], "attempt": attempt + 1, "retry_in_s": round(delay, 2)})
-        if attempt == 0:
+        if component != self.state.paused_reason:  # the pause names what the consumer waits on now
             self._set_paused(consumer, component)
 
     async def _poll_for(self, consumer: AIOKafkaConsumer, seconds: float) -> None:

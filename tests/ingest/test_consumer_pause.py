@@ -52,3 +52,50 @@ async def test_fenced_retry_lifts_the_pause() -> None:
     assert sc.state.paused_reason is None
     assert metrics.registry.get_sample_value("ingest_paused", {"stream": "webhook", "reason": "postgres"}) == 0
     assert sc.parts.unpositioned() == {0} and kafka.paused == {0}  # paused only until re-positioned from Postgres
+
+
+class InternalThenRedis:
+    """The first failure is an odd one (a client library bug on a dead connection), then Redis is down, then up."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def commit(self, conn: Any, staged: Staged, expected: dict[int, int]) -> Any:
+        from redis.exceptions import ClusterDownError
+
+        self.calls += 1
+        if self.calls == 1:
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+        if self.calls <= 3:
+            raise ClusterDownError("The cluster is down")
+        raise offsets.Fenced([0])
+
+
+async def test_the_pause_reason_follows_the_latest_failure() -> None:
+    metrics = Metrics()
+    pipeline = InternalThenRedis()
+    sc = StreamConsumer(config=from_env({}), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
+                        pool=FakePool(), metrics=metrics, offsets_table="consumer_offsets",
+                        changes_table="offset_changes")  # type: ignore[arg-type]
+    kafka = FakeKafka()
+    seen: list[str | None] = []
+    set_paused = sc._set_paused
+
+    def record(consumer: Any, reason: str | None) -> None:
+        seen.append(reason)
+        set_paused(consumer, reason)
+
+    sc._set_paused = record  # type: ignore[method-assign]
+    sc.parts.assign({0})
+    sc.parts.position(0, 10, start=0)
+    sc.parts.accept(0, 1, range(10, 15))
+    prepared = Prepared()
+    prepared.advance = {0: 15}
+    staged = Staged([SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(10, 15)], prepared, [], 0)
+    task: asyncio.Task[None] = asyncio.create_task(sc._write(kafka, staged, {0: 1}))  # type: ignore[arg-type]
+    await sc._finish_write(kafka, asyncio.Event(), task, staged, {0: 1})  # type: ignore[arg-type]
+
+    assert pipeline.calls == 4
+    assert seen == ["internal", "redis", None]  # redis replaced internal once Redis was what failed
+    assert metrics.registry.get_sample_value("ingest_paused", {"stream": "webhook", "reason": "internal"}) == 0
+    assert metrics.registry.get_sample_value("ingest_paused", {"stream": "webhook", "reason": "redis"}) == 0
