@@ -17,6 +17,24 @@ from tests.fakes import FakeKafka, FakePool
 TOPIC = "events.webhook"
 
 
+def consumer_with_a_batch(pipeline: Any, metrics: Metrics) -> tuple[StreamConsumer, FakeKafka, Staged]:
+    """A webhook consumer owning partition 0 at offset 10, and a staged batch of offsets 10-14."""
+    sc = StreamConsumer(config=from_env({}), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,
+                        pool=FakePool(), metrics=metrics, offsets_table="consumer_offsets",  # type: ignore[arg-type]
+                        changes_table="offset_changes")
+    sc.parts.assign({0})
+    sc.parts.position(0, 10, start=0)
+    sc.parts.accept(0, 1, range(10, 15))
+    prepared = Prepared()
+    prepared.advance = {0: 15}
+    return sc, FakeKafka(), Staged([SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(10, 15)], prepared, [], 0)
+
+
+async def write(sc: StreamConsumer, kafka: FakeKafka, staged: Staged) -> None:
+    task: asyncio.Task[None] = asyncio.create_task(sc._write(kafka, staged, {0: 1}))  # type: ignore[arg-type]
+    await sc._finish_write(kafka, asyncio.Event(), task, staged, {0: 1})  # type: ignore[arg-type]
+
+
 class AmbiguousThenFenced:
     """First commit: the connection dies (the server did commit); the retry finds the offsets moved."""
 
@@ -33,19 +51,8 @@ class AmbiguousThenFenced:
 async def test_fenced_retry_lifts_the_pause() -> None:
     metrics = Metrics()
     pipeline = AmbiguousThenFenced()
-    sc = StreamConsumer(config=from_env({}), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
-                        pool=FakePool(), metrics=metrics, offsets_table="consumer_offsets",
-                        changes_table="offset_changes")  # type: ignore[arg-type]
-    kafka = FakeKafka()
-    sc.parts.assign({0})
-    sc.parts.position(0, 10, start=0)
-    sc.parts.accept(0, 1, range(10, 15))
-    prepared = Prepared()
-    prepared.advance = {0: 15}
-    staged = Staged([SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(10, 15)], prepared, [], 0)
-
-    task: asyncio.Task[None] = asyncio.create_task(sc._write(kafka, staged, {0: 1}))  # type: ignore[arg-type]
-    await sc._finish_write(kafka, asyncio.Event(), task, staged, {0: 1})  # type: ignore[arg-type]
+    sc, kafka, staged = consumer_with_a_batch(pipeline, metrics)
+    await write(sc, kafka, staged)
 
     assert pipeline.calls == 2
     assert metrics.registry.get_sample_value("ingest_fenced_batches_total", {"stream": "webhook"}) == 1
@@ -74,10 +81,7 @@ class InternalThenRedis:
 async def test_the_pause_reason_follows_the_latest_failure() -> None:
     metrics = Metrics()
     pipeline = InternalThenRedis()
-    sc = StreamConsumer(config=from_env({}), stream="webhook", topic=TOPIC, group="g", pipeline=pipeline,  # type: ignore[arg-type]
-                        pool=FakePool(), metrics=metrics, offsets_table="consumer_offsets",
-                        changes_table="offset_changes")  # type: ignore[arg-type]
-    kafka = FakeKafka()
+    sc, kafka, staged = consumer_with_a_batch(pipeline, metrics)
     seen: list[str | None] = []
     set_paused = sc._set_paused
 
@@ -86,14 +90,7 @@ async def test_the_pause_reason_follows_the_latest_failure() -> None:
         set_paused(consumer, reason)
 
     sc._set_paused = record  # type: ignore[method-assign]
-    sc.parts.assign({0})
-    sc.parts.position(0, 10, start=0)
-    sc.parts.accept(0, 1, range(10, 15))
-    prepared = Prepared()
-    prepared.advance = {0: 15}
-    staged = Staged([SimpleRecord(TOPIC, 0, o, None, b"{}", 0) for o in range(10, 15)], prepared, [], 0)
-    task: asyncio.Task[None] = asyncio.create_task(sc._write(kafka, staged, {0: 1}))  # type: ignore[arg-type]
-    await sc._finish_write(kafka, asyncio.Event(), task, staged, {0: 1})  # type: ignore[arg-type]
+    await write(sc, kafka, staged)
 
     assert pipeline.calls == 4
     assert seen == ["internal", "redis", None]  # redis replaced internal once Redis was what failed
